@@ -1,0 +1,185 @@
+"""The ledger: one SQLite row per experiment, the lab's source of truth.
+
+A row is written `queued` before anything runs, moves to `running` when the sandbox slot is granted,
+and is finished exactly once (the UPDATE only matches a live row). Several server processes may
+share one ledger: WAL mode, a busy timeout, and `BEGIN IMMEDIATE` around the read-then-insert that
+allocates run ids.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from server.errors import NotFoundError
+from server.models import LIVE_STATUSES, RunRecord
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    agent TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    description TEXT NOT NULL,
+    status TEXT NOT NULL,
+    decision TEXT,
+    val_bpb REAL,
+    delta REAL,
+    kept INTEGER NOT NULL DEFAULT 0,
+    "commit" TEXT,
+    base_commit TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    training_seconds REAL,
+    total_seconds REAL,
+    peak_memory_mb REAL,
+    num_steps INTEGER,
+    gpu TEXT,
+    detail TEXT,
+    owner_pid INTEGER NOT NULL,
+    owner_start TEXT NOT NULL,
+    UNIQUE (agent, seq)
+);
+CREATE INDEX IF NOT EXISTS runs_agent ON runs (agent, seq);
+"""
+
+FINISH_FIELDS = frozenset(
+    {"decision", "val_bpb", "delta", "kept", "commit", "training_seconds", "total_seconds",
+     "peak_memory_mb", "num_steps", "detail"}
+)
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of a process (field 22 of /proc/PID/stat), or None if it is gone.
+
+    Paired with the pid it names one process for good: a recycled pid has another start time.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def owner_alive(pid: int, start: str) -> bool:
+    """True while the server process that wrote a row is still running."""
+    return process_start_time(pid) == start
+
+
+class Ledger:
+    """SQLite access for one lab. All methods are short and safe to call from the event loop."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self.owner_pid = os.getpid()
+        self.owner_start = process_start_time(self.owner_pid) or "?"
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def create_run(self, agent: str, description: str, base_commit: str | None) -> RunRecord:
+        """Insert a `queued` row with the agent's next run id (`<agent>-0001`, ...)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM runs WHERE agent = ?", (agent,)).fetchone()
+                seq = row[0] + 1
+                run_id = f"{agent}-{seq:04d}"
+                self._db.execute(
+                    'INSERT INTO runs (run_id, agent, seq, description, status, base_commit, created_at, '
+                    "owner_pid, owner_start) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                    (run_id, agent, seq, description, base_commit, time.time(), self.owner_pid, self.owner_start),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return self.get(run_id)
+
+    def mark_running(self, run_id: str, gpu: str | None) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE runs SET status = 'running', started_at = ?, gpu = ? WHERE run_id = ? AND status = 'queued'",
+                (time.time(), gpu, run_id),
+            )
+
+    def finish(self, run_id: str, status: str, **fields: Any) -> bool:
+        """Give a live row its final status and fields. False if it was already final (never twice)."""
+        unknown = set(fields) - FINISH_FIELDS
+        if unknown:
+            raise ValueError(f"unknown ledger fields: {sorted(unknown)}")
+        sets = ", ".join(f'"{k}" = ?' for k in fields)
+        sql = f"UPDATE runs SET status = ?, finished_at = ?{', ' + sets if sets else ''} WHERE run_id = ? AND status IN ('queued', 'running')"
+        values = [status, time.time(), *(int(v) if isinstance(v, bool) else v for v in fields.values()), run_id]
+        with self._lock:
+            cur = self._db.execute(sql, values)
+        return cur.rowcount == 1
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[RunRecord]:
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [RunRecord(**{**dict(r), "kept": bool(r["kept"])}) for r in rows]
+
+    def get(self, run_id: str) -> RunRecord:
+        rows = self._rows("SELECT * FROM runs WHERE run_id = ?", (run_id,))
+        if not rows:
+            raise NotFoundError(f"no run {run_id!r} in this lab; list_experiments shows the run ids")
+        return rows[0]
+
+    def find(self, run_id: str) -> RunRecord | None:
+        rows = self._rows("SELECT * FROM runs WHERE run_id = ?", (run_id,))
+        return rows[0] if rows else None
+
+    def runs(self, agent: str | None = None, status: str | None = None, limit: int | None = None) -> list[RunRecord]:
+        """Runs newest first, optionally of one agent and/or one status."""
+        where, args = [], []
+        if agent is not None:
+            where.append("agent = ?")
+            args.append(agent)
+        if status is not None:
+            where.append("status = ?")
+            args.append(status)
+        sql = "SELECT * FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY created_at DESC, seq DESC"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return self._rows(sql, tuple(args))
+
+    def live(self) -> list[RunRecord]:
+        marks = ", ".join("?" for _ in LIVE_STATUSES)
+        return self._rows(f"SELECT * FROM runs WHERE status IN ({marks}) ORDER BY created_at", LIVE_STATUSES)
+
+    def best(self, agent: str | None = None) -> RunRecord | None:
+        """The kept run with the lowest val_bpb, of one agent or of the whole lab."""
+        sql = "SELECT * FROM runs WHERE kept = 1 AND val_bpb IS NOT NULL"
+        args: tuple[Any, ...] = ()
+        if agent is not None:
+            sql += " AND agent = ?"
+            args = (agent,)
+        rows = self._rows(sql + " ORDER BY val_bpb ASC, created_at ASC LIMIT 1", args)
+        return rows[0] if rows else None
+
+    def baseline(self, agent: str) -> RunRecord | None:
+        """The agent's first kept run: its baseline."""
+        rows = self._rows("SELECT * FROM runs WHERE agent = ? AND kept = 1 ORDER BY seq ASC LIMIT 1", (agent,))
+        return rows[0] if rows else None
+
+    def agents(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT DISTINCT agent FROM runs ORDER BY agent").fetchall()]

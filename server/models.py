@@ -1,0 +1,205 @@
+"""Typed shapes of the server: the lab config, ledger rows, and every tool's input and output.
+
+Tool outputs are pydantic models so MCP clients get a JSON schema with each result; field
+descriptions are part of the agent's manual.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+AGENT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+"""Agent names become git branch names and file names: keep them boring."""
+
+RUN_STATUSES = ("ok", "crash", "timeout", "oom", "cancelled", "infra-error", "interrupted")
+"""Final statuses: the sandbox's six plus `interrupted` (the server died during the run)."""
+LIVE_STATUSES = ("queued", "running")
+RunStatus = Literal["queued", "running", "ok", "crash", "timeout", "oom", "cancelled", "infra-error", "interrupted"]
+Decision = Literal["keep", "discard", "crash", "timeout", "oom"]
+"""What was done with the commit; the seed's results.tsv `status` column."""
+
+
+class LabConfig(BaseModel):
+    """Everything that fixes how one lab behaves. Written to `<lab>/lab.json` when the lab is made."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    program: str
+    """Name of the program folder (under programs/) the lab was made from."""
+    data_dir: Path | None = None
+    """Prepared data folder for the program; None means `<lab>/data`."""
+    backend: dict[str, Any] = Field(default_factory=lambda: {"type": "docker"})
+    """The sandbox backend config (`sandbox.config`: a discriminated union on `type`)."""
+    startup_allowance_s: float = 180.0
+    """Seconds on top of the program's budget_s for start-up, compile and evaluation; the sum is the
+    hard deadline the host enforces."""
+    max_patch_bytes: int = 100_000
+    """Largest diff apply_patch accepts."""
+    max_train_bytes: int = 400_000
+    """Largest train.py a patch may produce."""
+    log_tail_lines: int = 60
+    """Lines of the run log returned with a crash or timeout."""
+    progress_interval_s: float = 10.0
+    """Longest gap between two progress notifications during a run."""
+
+
+class RunRecord(BaseModel):
+    """One row of the ledger: one experiment of one agent."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str
+    agent: str
+    seq: int
+    description: str
+    status: RunStatus
+    decision: Decision | None = None
+    val_bpb: float | None = None
+    delta: float | None = None
+    kept: bool = False
+    commit: str | None = None
+    base_commit: str | None = None
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    training_seconds: float | None = None
+    total_seconds: float | None = None
+    peak_memory_mb: float | None = None
+    num_steps: int | None = None
+    gpu: str | None = None
+    detail: str | None = None
+    owner_pid: int
+    owner_start: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Tool outputs
+
+
+class ProgramText(BaseModel):
+    """The research program: the human's instructions to the agent."""
+
+    program: str = Field(description="Program name, e.g. tiny-stdlib.")
+    text: str = Field(description="program.md, verbatim.")
+    budget_s: float = Field(description="Training budget of every experiment, in seconds of wall clock.")
+
+
+class TrainFile(BaseModel):
+    """The agent's current train.py."""
+
+    agent: str
+    text: str = Field(description="train.py as it stands in the agent's worktree.")
+    line_count: int
+    base_commit: str = Field(description="Commit the agent's branch points at (its best so far).")
+    modified: bool = Field(description="True when train.py differs from base_commit (patches not yet run).")
+
+
+class PatchResult(BaseModel):
+    """A patch that was applied to train.py."""
+
+    line_count: int = Field(description="Lines in train.py after the patch.")
+    lines_added: int
+    lines_removed: int
+    diffstat: str = Field(description="git's --stat summary of the change against base_commit.")
+
+
+class ExperimentResult(BaseModel):
+    """The outcome of one experiment. val_bpb: validation bits per byte, lower is better."""
+
+    run_id: str
+    status: RunStatus = Field(
+        description="ok | crash | timeout | oom | cancelled | infra-error | interrupted (| queued | running "
+        "from get_experiment while in flight)."
+    )
+    description: str
+    val_bpb: float | None = Field(description="Validation bits per byte (lower is better); null unless ok.")
+    delta: float | None = Field(
+        description="val_bpb minus the agent's best before this run (negative = better); null for the baseline."
+    )
+    kept: bool = Field(description="True when the change was committed to the agent's branch as its new best.")
+    decision: Decision | None = Field(description="keep | discard | crash | timeout | oom; null when not committed.")
+    commit: str | None = Field(description="Commit of this attempt (on the branch if kept, else on an attempt ref).")
+    training_seconds: float | None = None
+    total_seconds: float | None = None
+    peak_memory_mb: float | None = None
+    num_steps: int | None = None
+    reason: str | None = Field(default=None, description="Why it failed, in one line, when it did.")
+    log_tail: str | None = Field(default=None, description="Last lines of the run log on crash/timeout/oom.")
+
+
+class RunStarted(BaseModel):
+    """An experiment started in the background; poll get_experiment(run_id)."""
+
+    run_id: str
+    status: RunStatus
+
+
+class ExperimentState(BaseModel):
+    """Where a run stands: the result when finished, the latest progress while in flight."""
+
+    result: ExperimentResult
+    progress: str | None = Field(default=None, description="Latest progress line while queued or running.")
+    finished: bool
+
+
+class BestEntry(BaseModel):
+    """One best result."""
+
+    agent: str
+    run_id: str
+    val_bpb: float = Field(description="Validation bits per byte, lower is better.")
+    commit: str
+    description: str
+    improvement_over_baseline: float | None = Field(
+        description="That agent's baseline val_bpb minus this one (positive = better)."
+    )
+
+
+class BestResults(BaseModel):
+    """The agent's own best and the best of the whole lab (all agents)."""
+
+    agent_best: BestEntry | None
+    agent_baseline_val_bpb: float | None
+    lab_best: BestEntry | None
+
+
+class RunSummary(BaseModel):
+    """One compact line of the run history."""
+
+    run_id: str
+    agent: str
+    status: RunStatus
+    decision: Decision | None
+    val_bpb: float | None
+    delta: float | None
+    kept: bool
+    commit: str | None
+    description: str
+
+
+class RunList(BaseModel):
+    """Runs, newest first."""
+
+    runs: list[RunSummary]
+    total: int = Field(description="Number of runs matching the filter (before the limit).")
+
+
+class LogText(BaseModel):
+    """The end of one run's log."""
+
+    run_id: str
+    status: RunStatus
+    text: str
+    truncated: bool = Field(description="True when earlier lines were left out.")
+
+
+class ResetResult(BaseModel):
+    """train.py after a reset."""
+
+    target: Literal["best", "baseline"]
+    commit: str
+    line_count: int
