@@ -33,7 +33,12 @@ class LabConfig(BaseModel):
     data_dir: Path | None = None
     """Prepared data folder for the program; None means `<lab>/data`."""
     backend: dict[str, Any] = Field(default_factory=lambda: {"type": "docker"})
-    """The sandbox backend config (`sandbox.config`: a discriminated union on `type`)."""
+    """The sandbox backend config (a discriminated union on `type`: docker | local), as the sandbox
+    package validates it."""
+    image: str = "autoresearch-sandbox:cpu"
+    """Sandbox image the docker backend runs (build-image --flavor cpu|gpu makes it)."""
+    slots_dir: Path | None = None
+    """Folder of the host-wide run-slot locks; None means the sandbox's default (shared by all labs)."""
     startup_allowance_s: float = 180.0
     """Seconds on top of the program's budget_s for start-up, compile and evaluation; the sum is the
     hard deadline the host enforces."""

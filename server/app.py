@@ -1,0 +1,106 @@
+"""The MCP server: an `MCPServer` whose lifespan opens the lab, reaps what a dead server left
+behind, and yields the state every tool call uses. Same tools over stdio and Streamable HTTP.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.settings import AuthSettings
+from mcp.server.mcpserver import MCPServer
+
+from server import log, tools
+from server.errors import InvalidArgumentError
+from server.experiment import Experiments
+from server.lab import Lab, check_agent
+from server.runtime import make_runtime, recover
+
+INSTRUCTIONS = """\
+Autonomous ML research: improve train.py so that validation bits per byte (val_bpb, lower is
+better) drops after a fixed training budget. Loop: read_program once, read_train, apply_patch (a
+unified diff of train.py), run_experiment (minutes; kept only if val_bpb beats your best), repeat.
+get_best and list_experiments show where you stand; reset_train undoes unrun patches."""
+
+logger = log.get("app")
+
+
+@dataclass
+class AppState:
+    """What the lifespan yields to every tool call."""
+
+    lab: Lab
+    experiments: Experiments
+    stdio_agent: str | None
+
+
+@asynccontextmanager
+async def open_state(lab_dir: Path, stdio_agent: str | None) -> AsyncIterator[AppState]:
+    """Open the lab and its sandbox, mark runs of dead servers `interrupted`, and clean up at exit."""
+    if stdio_agent is not None:
+        check_agent(stdio_agent)
+    lab = Lab(lab_dir)
+    try:
+        backend, pool = make_runtime(lab)
+        await recover(lab, backend)
+        experiments = Experiments(lab, backend, pool, lab.config.image)
+        logger.info("lab_opened", lab=str(lab.root), program=lab.config.program, agent=stdio_agent)
+        try:
+            yield AppState(lab, experiments, stdio_agent)
+        finally:
+            await experiments.shutdown()
+    finally:
+        lab.close()
+
+
+class TokenFileVerifier:
+    """Bearer tokens from a JSON file mapping token → agent name; the agent becomes the client id."""
+
+    def __init__(self, path: Path) -> None:
+        self.tokens = load_tokens(path)
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        for known, agent in self.tokens.items():
+            if hmac.compare_digest(known.encode(), token.encode()):
+                return AccessToken(token=token, client_id=agent, scopes=["agent"])
+        return None
+
+
+def load_tokens(path: Path) -> dict[str, str]:
+    """Read and check a tokens file: {"<token>": "<agent>", ...}, tokens of 16+ characters."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InvalidArgumentError(f"cannot read tokens file {path}: {e}") from e
+    if not isinstance(raw, dict) or not raw:
+        raise InvalidArgumentError(f'tokens file {path} must be a JSON object {{"<token>": "<agent name>"}}')
+    for token, agent in raw.items():
+        if not isinstance(agent, str) or len(token) < 16:
+            raise InvalidArgumentError(f"tokens file {path}: each token needs 16+ characters and an agent name")
+        check_agent(agent)
+    return raw
+
+
+def build_server(lab_dir: Path, stdio_agent: str | None = None, tokens_file: Path | None = None,
+                 url: str = "http://127.0.0.1:8000") -> MCPServer:
+    """The server for one lab. With a tokens file, HTTP callers must send `Authorization: Bearer`."""
+
+    @asynccontextmanager
+    async def lifespan(_: MCPServer) -> AsyncIterator[AppState]:
+        async with open_state(lab_dir, stdio_agent) as state:
+            yield state
+
+    auth = {}
+    if tokens_file is not None:
+        auth = dict(
+            token_verifier=TokenFileVerifier(tokens_file),
+            auth=AuthSettings(issuer_url=url, resource_server_url=f"{url}/mcp", required_scopes=["agent"]),
+        )
+    mcp = MCPServer("autoresearch-mcp", instructions=INSTRUCTIONS, lifespan=lifespan, **auth)
+    tools.register(mcp)
+    return mcp

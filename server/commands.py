@@ -1,0 +1,86 @@
+"""What each `autoresearch-mcp` subcommand does (argument parsing lives in server.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from server import log
+from server.errors import InvalidArgumentError
+
+logger = log.get("cli")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.app import build_server  # noqa: PLC0415
+
+    if args.transport == "stdio":
+        if not args.agent:
+            raise InvalidArgumentError("stdio needs an agent name: --agent NAME or AUTORESEARCH_AGENT=NAME")
+        build_server(args.lab, stdio_agent=args.agent).run("stdio")
+        return 0
+    if args.tokens is None:
+        raise InvalidArgumentError("http needs --tokens FILE mapping each bearer token to an agent name")
+    import uvicorn  # noqa: PLC0415
+
+    url = f"http://{args.host}:{args.port}"
+    app = build_server(args.lab, tokens_file=args.tokens, url=url).streamable_http_app(host=args.host)
+    logger.info("http_serving", url=f"{url}/mcp")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    from server.app import open_state  # noqa: PLC0415
+
+    async with open_state(args.lab, args.agent) as state:
+        if args.patch is not None:
+            patch = await state.lab.apply_patch(args.agent, args.patch.read_text())
+            print(f"patched: {patch.diffstat}", file=sys.stderr)
+        t0 = time.monotonic()
+
+        async def report(elapsed: float, line: str) -> None:
+            print(f"[{elapsed:6.1f}s] {line}", file=sys.stderr, flush=True)
+
+        result = await state.experiments.run(args.agent, args.description, report)
+    print(json.dumps(result.model_dump(), indent=2))
+    print(f"{result.run_id}: {result.status}, val_bpb {result.val_bpb}, kept {result.kept} "
+          f"({time.monotonic() - t0:.0f} s)", file=sys.stderr)
+    return 0 if result.status == "ok" else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from server import report  # noqa: PLC0415
+    from server.lab import Lab  # noqa: PLC0415
+
+    lab = Lab(args.lab)
+    try:
+        print(report.table(lab), end="")
+        out = report.plot(lab, args.out or lab.root / "progress.png")
+        print(f"progress plot: {out}", file=sys.stderr)
+    finally:
+        lab.close()
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from server.prepare import prepare  # noqa: PLC0415
+
+    extra = [a for a in args.prepare_args if a != "--"]
+    return prepare(args.lab, args.program, backend=args.backend, image=args.image, budget_s=args.budget_s,
+                   data_dir=args.data_dir, on_host=args.on_host, extra=extra)
+
+
+def cmd_build_image(args: argparse.Namespace) -> int:
+    from server.prepare import build_image  # noqa: PLC0415
+
+    return build_image(args.flavor, args.tag, args.online)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from server.doctor import doctor  # noqa: PLC0415
+
+    return doctor(Path(args.lab))

@@ -1,0 +1,267 @@
+"""One experiment, end to end: ledger row → slot lease → sandbox run → decide → commit → record.
+
+The ledger row is written `queued` before anything else happens; whatever ends the run (result,
+crash, client cancellation, sandbox failure) finishes that row exactly once. Outcomes are statuses;
+only a broken lab raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sandbox.models import Mount, RunOutcome, RunSpec
+
+from server import log
+from server.errors import InvalidArgumentError
+from server.lab import Lab, check_agent, write_results_row
+from server.models import ExperimentResult, RunRecord
+
+Reporter = Callable[[float, str], Awaitable[None]]
+"""Called with (seconds since the call began, one human-readable line) at least every interval."""
+
+COMMAND = ["python3", "-m", "trainer.run", "--program", "/work/program.toml", "--train", "/work/train.py",
+           "--data", "/data", "--out", "/out"]
+MAX_DESCRIPTION = 500
+
+logger = log.get("experiment")
+
+
+def base_env() -> dict[str, str]:
+    """The run's whole environment: nothing of the host's is inherited."""
+    return {"PYTHONUNBUFFERED": "1", "HOME": "/tmp", "HF_HUB_OFFLINE": "1",
+            "TORCHINDUCTOR_CACHE_DIR": "/cache/inductor", "TRITON_CACHE_DIR": "/cache/triton"}
+
+
+def check_description(description: str) -> str:
+    if not isinstance(description, str) or not description.strip():
+        raise InvalidArgumentError("description is empty; say in a few words what this experiment changes")
+    if len(description) > MAX_DESCRIPTION or "\x00" in description:
+        raise InvalidArgumentError(f"description must be at most {MAX_DESCRIPTION} characters of text")
+    return " ".join(description.split())
+
+
+def progress_line(p: dict[str, Any]) -> str:
+    """A progress.jsonl record as one line an agent can read."""
+    parts = [f"phase {p.get('phase', '?')}"]
+    for key, fmt in (("step", "step {}"), ("loss", "loss {:.4f}"), ("tokens_per_s", "{:.0f} tok/s"),
+                     ("remaining_s", "{:.0f} s left")):
+        value = p.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            parts.append(fmt.format(value))
+    return ", ".join(parts)
+
+
+@dataclass
+class Pending:
+    """A run whose ledger row exists; holds the agent's lock until the run is recorded."""
+
+    record: RunRecord
+    snapshot: str
+    lock: contextlib.ExitStack
+    status_line: str = "queued"
+    started: float = field(default_factory=time.monotonic)
+
+
+class Experiments:
+    """Runs experiments of a lab on a sandbox backend, one slot lease per run."""
+
+    def __init__(self, lab: Lab, backend: Any, pool: Any, image: str) -> None:
+        self.lab = lab
+        self.backend = backend
+        self.pool = pool
+        self.image = image
+        self.background: dict[str, asyncio.Task[ExperimentResult]] = {}
+        self.pending: dict[str, Pending] = {}
+
+    # -- the two halves of a run -----------------------------------------------------------------
+
+    async def begin(self, agent: str, description: str) -> Pending:
+        """Take the agent's lock, write the ledger row (`queued`) and snapshot train.py."""
+        check_agent(agent)
+        description = check_description(description)
+        await self.lab.ensure_agent(agent)
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.lab.agent_lock(agent))
+        try:
+            head = await self.lab.git(self.lab.history.head, agent)
+            snapshot = await self.lab.git(self.lab.history.read_train, agent)
+            record = self.lab.ledger.create_run(agent, description, head)
+        except BaseException:
+            stack.close()
+            raise
+        pending = Pending(record, snapshot, stack)
+        self.pending[record.run_id] = pending
+        logger.info("run_queued", run_id=record.run_id, agent=agent, description=description)
+        return pending
+
+    async def execute(self, pending: Pending, report: Reporter | None = None) -> ExperimentResult:
+        """Run a begun experiment to its recorded end; cancellation records `cancelled` and re-raises.
+
+        Releases the agent's lock however it ends.
+        """
+        run_id = pending.record.run_id
+        beat = asyncio.create_task(self._heartbeat(pending, report)) if report else None
+        try:
+            try:
+                outcome = await self._run_in_sandbox(pending)
+            except asyncio.CancelledError:
+                self.lab.ledger.finish(run_id, "cancelled", detail="cancelled by the client")
+                logger.info("run_cancelled", run_id=run_id)
+                raise
+            except Exception as e:
+                logger.exception("run_infra_error", run_id=run_id)
+                self.lab.ledger.finish(run_id, "infra-error", detail=f"{type(e).__name__}: {e}")
+                raise
+            finally:
+                if beat:
+                    beat.cancel()
+                self.pending.pop(run_id, None)
+            return await self._record(pending, outcome)
+        finally:
+            pending.lock.close()
+
+    async def run(self, agent: str, description: str, report: Reporter | None = None) -> ExperimentResult:
+        """The blocking form: begin and execute in the caller's task."""
+        return await self.execute(await self.begin(agent, description), report)
+
+    async def start(self, agent: str, description: str) -> RunRecord:
+        """Begin a run and leave it running in this server process; poll with `progress_of` and the ledger."""
+        pending = await self.begin(agent, description)
+        task = asyncio.create_task(self.execute(pending), name=f"run-{pending.record.run_id}")
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no "never retrieved" noise
+        self.background[pending.record.run_id] = task
+        return pending.record
+
+    def progress_of(self, run_id: str) -> str | None:
+        p = self.pending.get(run_id)
+        return p.status_line if p else None
+
+    async def shutdown(self) -> None:
+        """Cancel background runs (each is recorded `cancelled` and its container killed)."""
+        tasks = [t for t in self.background.values() if not t.done()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- inside ----------------------------------------------------------------------------------
+
+    async def _heartbeat(self, pending: Pending, report: Reporter) -> None:
+        interval = self.lab.config.progress_interval_s
+        while True:
+            await report(time.monotonic() - pending.started, pending.status_line)
+            await asyncio.sleep(interval)
+
+    def _prepare_run_dir(self, pending: Pending) -> tuple[Path, Path, Path]:
+        run_dir = self.lab.run_dir(pending.record.run_id)
+        out = run_dir / "out"
+        out.mkdir(parents=True, exist_ok=True)
+        out.chmod(0o777)  # the container's non-root user writes result.json here
+        (run_dir / "train.py").write_text(pending.snapshot, encoding="utf-8")
+        shutil.copyfile(self.lab.program_toml, run_dir / "program.toml")
+        return run_dir, out, run_dir / "log.txt"
+
+    def _spec(self, pending: Pending, gpu: str | None) -> RunSpec:
+        run_dir, out, log_path = self._prepare_run_dir(pending)
+        program = self.lab.program()
+        if not self.lab.data_dir.is_dir():
+            raise InvalidArgumentError(
+                f"no prepared data at {self.lab.data_dir}; run `autoresearch-mcp prepare {self.lab.config.program} --lab {self.lab.root}`"
+            )
+        env = base_env()
+        return RunSpec(
+            run_id=pending.record.run_id, image=self.image, command=list(COMMAND),
+            mounts=[Mount(source=run_dir / "train.py", target="/work/train.py"),
+                    Mount(source=run_dir / "program.toml", target="/work/program.toml"),
+                    Mount(source=self.lab.data_dir.resolve(), target="/data"),
+                    Mount(source=self.lab.cache_dir(pending.record.agent), target="/cache", read_only=False)],
+            env=env, output_dir=out, log_path=log_path, gpu=gpu,
+            deadline_s=program.budget_s + program.grace_s + self.lab.config.startup_allowance_s,
+            labels={"autoresearch.agent": pending.record.agent, "autoresearch.lab": str(self.lab.root)},
+        )
+
+    async def _run_in_sandbox(self, pending: Pending) -> RunOutcome:
+        run_id = pending.record.run_id
+
+        def on_position(position: int) -> None:
+            pending.status_line = f"queued: position {position} for the run slot"
+
+        def on_progress(p: dict[str, Any]) -> None:
+            pending.status_line = "running: " + progress_line(p)
+
+        async with self.pool.acquire(on_position=on_position) as lease:
+            gpu = getattr(lease, "gpu", None)
+            self.lab.ledger.mark_running(run_id, gpu)
+            pending.status_line = "running: starting the sandbox"
+            spec = self._spec(pending, gpu)
+            logger.info("run_started", run_id=run_id, gpu=gpu, deadline_s=spec.deadline_s)
+            return await self.backend.run(spec, on_progress)
+
+    # -- decide, commit, record ----------------------------------------------------------------
+
+    async def _record(self, pending: Pending, outcome: RunOutcome) -> ExperimentResult:
+        rec = pending.record
+        result = outcome.result or {}
+        status, reason = outcome.status, result.get("reason") or (outcome.detail or None)
+        val = result.get("val_bpb")
+        if status == "ok" and not (isinstance(val, (int, float)) and math.isfinite(val)):
+            status, reason = "crash", f"the run exited cleanly but result.json has no finite val_bpb ({val!r})"
+        val = float(val) if status == "ok" else None
+        best = self.lab.ledger.best(rec.agent)
+        delta = val - best.val_bpb if val is not None and best is not None and best.val_bpb is not None else None
+        keep = val is not None and (best is None or delta is not None and delta < 0)
+        decision = ("keep" if keep else "discard") if status == "ok" else status if status in ("crash", "timeout", "oom") else None
+        commit = None
+        if decision is not None:
+            trailers = {"Run-Id": rec.run_id, "Val-BPB": f"{val:.6f}" if val is not None else "none", "Status": decision}
+            commit = await self.lab.git(self.lab.history.commit_attempt, rec.agent, rec.run_id, pending.snapshot,
+                                        rec.description, trailers, keep)
+        fields = dict(
+            decision=decision, val_bpb=val, delta=delta, kept=keep, commit=commit,
+            training_seconds=_num(result.get("training_seconds")),
+            total_seconds=_num(result.get("total_seconds")) or round(outcome.wall_s, 3),
+            peak_memory_mb=_num(result.get("peak_memory_mb")), num_steps=_int(result.get("num_steps")),
+            detail=reason,
+        )
+        if not self.lab.ledger.finish(rec.run_id, status, **fields):
+            logger.warning("run_already_final", run_id=rec.run_id)
+        if commit is not None:
+            write_results_row(self.lab.results_path(rec.agent), commit, val, fields["peak_memory_mb"], decision,
+                              rec.description)
+        logger.info("run_recorded", run_id=rec.run_id, status=status, val_bpb=val, kept=keep, commit=commit)
+        return to_result(self.lab.ledger.get(rec.run_id), self._tail(rec.run_id, result, outcome, status))
+
+    def _tail(self, run_id: str, result: dict[str, Any], outcome: RunOutcome, status: str) -> str | None:
+        if status in ("ok",):
+            return None
+        path = self.lab.run_dir(run_id) / "log.txt"
+        text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else outcome.log_tail
+        tail = "\n".join(text.splitlines()[-self.lab.config.log_tail_lines:])
+        tb = result.get("traceback_tail")
+        if isinstance(tb, str) and tb.strip() and tb.strip() not in tail:
+            tail = f"{tail}\n--- traceback ---\n{tb}"
+        return tail
+
+
+def to_result(rec: RunRecord, log_tail: str | None = None) -> ExperimentResult:
+    return ExperimentResult(
+        run_id=rec.run_id, status=rec.status, description=rec.description, val_bpb=rec.val_bpb, delta=rec.delta,
+        kept=rec.kept, decision=rec.decision, commit=rec.commit, training_seconds=rec.training_seconds,
+        total_seconds=rec.total_seconds, peak_memory_mb=rec.peak_memory_mb, num_steps=rec.num_steps,
+        reason=rec.detail if rec.status != "ok" else None, log_tail=log_tail,
+    )
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _int(v: Any) -> int | None:
+    return int(v) if isinstance(v, int) and not isinstance(v, bool) else None

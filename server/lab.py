@@ -1,0 +1,302 @@
+"""A lab: one folder holding one program's git repo, agent worktrees, runs, ledger and results.
+
+Layout (only the server writes here; a container sees only its own run folder):
+    lab.json               the LabConfig
+    repo/                  git repo, baseline on `main`
+    worktrees/<agent>/     the agent's worktree on branch autoresearch/<agent>
+    runs/<run-id>/         train.py snapshot, out/ (result.json, progress.jsonl), log.txt
+    results/<agent>.tsv    the seed's results table
+    cache/<agent>/         compile cache shared by the agent's runs
+    data/                  prepared data (unless lab.json names another folder)
+    ledger.sqlite          the source of truth
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from trainer.config import ProgramConfig, load_program
+
+from server import log
+from server.errors import BusyError, InvalidArgumentError, InvalidPatchError, LabStateError, NotFoundError
+from server.history import TRAIN, History, init_repo
+from server.ledger import Ledger
+from server.models import (
+    AGENT_RE, LIVE_STATUSES, RUN_STATUSES, BestEntry, BestResults, LabConfig, LogText, PatchResult, ProgramText,
+    ResetResult, RunList, RunRecord, RunSummary, TrainFile,
+)
+
+PROGRAM_FILES = ("program.md", "program.toml", "train.py")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROGRAMS_DIR = REPO_ROOT / "programs"
+
+logger = log.get("lab")
+
+
+def program_dir(name: str) -> Path:
+    """The folder of a bundled program, or a path to one."""
+    candidate = Path(name)
+    if candidate.is_dir() and (candidate / "program.toml").is_file():
+        return candidate.resolve()
+    path = PROGRAMS_DIR / name
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not (path / "program.toml").is_file():
+        known = sorted(p.name for p in PROGRAMS_DIR.iterdir() if (p / "program.toml").is_file()) if PROGRAMS_DIR.is_dir() else []
+        raise NotFoundError(f"no program {name!r}; bundled programs: {', '.join(known) or 'none'}")
+    return path
+
+
+def set_budget(toml_text: str, budget_s: float) -> str:
+    """program.toml with its top-level budget_s replaced (tests and demos shrink the budget)."""
+    line = f"budget_s = {float(budget_s)}"
+    pattern = re.compile(r"^budget_s\s*=.*$", re.MULTILINE)
+    if pattern.search(toml_text):
+        return pattern.sub(line, toml_text, count=1)
+    return f"{line}\n{toml_text}"
+
+
+def create_lab(root: Path, program: str, *, budget_s: float | None = None, **config: object) -> LabConfig:
+    """Make a lab folder from programs/<program>/: the repo with the baseline on `main`, and lab.json."""
+    root = Path(root)
+    if (root / "lab.json").exists():
+        raise LabStateError(f"{root} is already a lab; open it instead")
+    src = program_dir(program)
+    files = {name: (src / name).read_bytes() for name in PROGRAM_FILES}
+    if budget_s is not None:
+        files["program.toml"] = set_budget(files["program.toml"].decode(), budget_s).encode()
+    cfg = LabConfig(program=src.name, **config)  # type: ignore[arg-type]
+    root.mkdir(parents=True, exist_ok=True)
+    init_repo(root / "repo", files)
+    load_program(root / "repo" / "program.toml")  # fail now, not at the first run
+    for sub in ("worktrees", "runs", "results", "cache", "locks"):
+        (root / sub).mkdir(exist_ok=True)
+    (root / "lab.json").write_text(cfg.model_dump_json(indent=2) + "\n")
+    logger.info("lab_created", lab=str(root), program=cfg.program)
+    return cfg
+
+
+def check_agent(agent: str) -> str:
+    if not isinstance(agent, str) or not AGENT_RE.fullmatch(agent):
+        raise InvalidArgumentError(
+            f"invalid agent name {agent!r}: use 1-32 characters of a-z, 0-9, '-' and '_', starting with a letter or digit"
+        )
+    return agent
+
+
+class Lab:
+    """An open lab: paths, config, ledger and git history. Experiments live in server.experiment."""
+
+    def __init__(self, root: Path, config: LabConfig | None = None) -> None:
+        self.root = Path(root).resolve()
+        if not (self.root / "lab.json").is_file():
+            raise LabStateError(
+                f"{self.root} is not a lab (no lab.json); create one with `autoresearch-mcp prepare PROGRAM --lab {root}`"
+            )
+        self.config = config or LabConfig.model_validate_json((self.root / "lab.json").read_text())
+        self.history = History(self.root / "repo", self.root / "worktrees")
+        self.ledger = Ledger(self.root / "ledger.sqlite")
+        self._git_lock = asyncio.Lock()
+
+    # -- paths ---------------------------------------------------------------------------------
+
+    @property
+    def program_toml(self) -> Path:
+        return self.root / "repo" / "program.toml"
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.config.data_dir) if self.config.data_dir else self.root / "data"
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.root / "runs" / run_id
+
+    def cache_dir(self, agent: str) -> Path:
+        return self.root / "cache" / agent
+
+    def results_path(self, agent: str) -> Path:
+        return self.root / "results" / f"{agent}.tsv"
+
+    def program(self) -> ProgramConfig:
+        return load_program(self.program_toml)
+
+    def close(self) -> None:
+        self.ledger.close()
+
+    # -- locks ---------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def agent_lock(self, agent: str) -> Iterator[None]:
+        """Hold the agent's lock, across processes, or raise BusyError at once.
+
+        flock, not asyncio: stdio agents each have their own server process, and a second process
+        for the same agent must not race the first one's experiment.
+        """
+        path = self.root / "locks" / f"agent-{agent}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as e:
+                raise BusyError(
+                    f"agent {agent!r} has an experiment in flight; wait for it (get_experiment) before changing train.py"
+                ) from e
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    async def git(self, fn, *args):  # noqa: ANN001, ANN201 - a thin thread hop
+        """Run a blocking History call in a worker thread, one at a time per lab and process.
+
+        A file lock also guards worktree creation against other server processes.
+        """
+        async with self._git_lock:
+            return await asyncio.to_thread(self._locked_git, fn, *args)
+
+    def _locked_git(self, fn, *args):  # noqa: ANN001, ANN202
+        fd = os.open(self.root / "locks" / "git.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return fn(*args)
+        finally:
+            os.close(fd)
+
+    # -- setup of an agent -----------------------------------------------------------------------
+
+    async def ensure_agent(self, agent: str) -> Path:
+        check_agent(agent)
+        path = await self.git(self.history.ensure_agent, agent)
+        cache = self.cache_dir(agent)
+        if not cache.exists():
+            cache.mkdir(parents=True)
+            # The container's non-root user writes here; the folder holds nothing but caches.
+            os.chmod(cache, 0o777)
+        return path
+
+    # -- what the tools do, apart from experiments (server.experiment) --------------------------
+
+    def read_program(self) -> ProgramText:
+        text = (self.root / "repo" / "program.md").read_text(encoding="utf-8")
+        return ProgramText(program=self.config.program, text=text, budget_s=self.program().budget_s)
+
+    async def read_train(self, agent: str) -> TrainFile:
+        await self.ensure_agent(agent)
+        text = await self.git(self.history.read_train, agent)
+        head = await self.git(self.history.head, agent)
+        modified = await self.git(self.history.is_modified, agent)
+        return TrainFile(agent=agent, text=text, line_count=len(text.splitlines()), base_commit=head, modified=modified)
+
+    async def apply_patch(self, agent: str, diff: str) -> PatchResult:
+        """Check a diff from every side, then write train.py; a rejected diff changes nothing."""
+        await self.ensure_agent(agent)
+        new_text, added, removed = await self._checked_patch(agent, diff)
+        with self.agent_lock(agent):
+            await self.git(self.history.write_train, agent, new_text)
+            stat = await self.git(self.history.diffstat, agent)
+        logger.info("patch_applied", agent=agent, added=added, removed=removed)
+        return PatchResult(line_count=len(new_text.splitlines()), lines_added=added, lines_removed=removed,
+                           diffstat=stat or "(train.py now equals base_commit)")
+
+    async def _checked_patch(self, agent: str, diff: str) -> tuple[str, int, int]:
+        if not isinstance(diff, str) or not diff.strip():
+            raise InvalidPatchError("the diff is empty; send a unified diff of train.py (--- a/train.py +++ b/train.py)")
+        try:
+            raw = diff.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidPatchError(f"the diff is not valid UTF-8 text ({e.reason} at character {e.start})") from e
+        if len(raw) > self.config.max_patch_bytes:
+            raise InvalidPatchError(
+                f"the diff is {len(raw)} bytes, over the {self.config.max_patch_bytes}-byte cap; send smaller patches"
+            )
+        if "\x00" in diff or "GIT binary patch" in diff:
+            raise InvalidPatchError("binary content is not accepted; train.py is text")
+        stats = await self.git(self.history.check_patch, agent, diff)
+        size = len(stats.new_text.encode("utf-8"))
+        if size > self.config.max_train_bytes:
+            raise InvalidPatchError(f"the patched train.py would be {size} bytes, over the {self.config.max_train_bytes}-byte cap")
+        try:
+            compile(stats.new_text, TRAIN, "exec", dont_inherit=True)  # compiled, never executed
+        except SyntaxError as e:
+            raise InvalidPatchError(
+                f"the patched train.py does not compile: {e.msg} at line {e.lineno}: {(e.text or '').strip()!r}"
+            ) from e
+        except ValueError as e:  # e.g. source with NUL bytes
+            raise InvalidPatchError(f"the patched train.py does not compile: {e}") from e
+        return stats.new_text, stats.lines_added, stats.lines_removed
+
+    async def reset_train(self, agent: str, target: str) -> ResetResult:
+        if target not in ("best", "baseline"):
+            raise InvalidArgumentError(f"target must be 'best' or 'baseline', not {target!r}")
+        await self.ensure_agent(agent)
+        commit = await self.git(self.history.head if target == "best" else (lambda _a: self.history.main_commit()), agent)
+        with self.agent_lock(agent):
+            await self.git(self.history.restore_train, agent, commit)
+        text = await self.git(self.history.read_train, agent)
+        return ResetResult(target=target, commit=commit, line_count=len(text.splitlines()))  # type: ignore[arg-type]
+
+    def best(self, agent: str) -> BestResults:
+        def entry(rec: RunRecord | None) -> BestEntry | None:
+            if rec is None or rec.val_bpb is None or rec.commit is None:
+                return None
+            base = self.ledger.baseline(rec.agent)
+            gain = base.val_bpb - rec.val_bpb if base is not None and base.val_bpb is not None else None
+            return BestEntry(agent=rec.agent, run_id=rec.run_id, val_bpb=rec.val_bpb, commit=rec.commit,
+                             description=rec.description, improvement_over_baseline=gain)
+
+        base = self.ledger.baseline(agent)
+        return BestResults(agent_best=entry(self.ledger.best(agent)), lab_best=entry(self.ledger.best()),
+                           agent_baseline_val_bpb=base.val_bpb if base else None)
+
+    def own_run(self, agent: str, run_id: str) -> RunRecord:
+        """A run of this agent; another agent's runs are not visible."""
+        rec = self.ledger.find(run_id) if isinstance(run_id, str) else None
+        if rec is None or rec.agent != agent:
+            raise NotFoundError(f"no run {run_id!r} of agent {agent!r}; list_experiments shows your run ids")
+        return rec
+
+    def log_tail(self, agent: str, run_id: str, lines: int) -> LogText:
+        if not 1 <= lines <= 2000:
+            raise InvalidArgumentError(f"lines must be between 1 and 2000, not {lines}")
+        rec = self.own_run(agent, run_id)
+        path = self.run_dir(run_id) / "log.txt"
+        all_lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []
+        return LogText(run_id=run_id, status=rec.status, text="\n".join(all_lines[-lines:]),
+                       truncated=len(all_lines) > lines)
+
+    def list_runs(self, agent: str, status: str | None, kept_only: bool, limit: int) -> RunList:
+        if not 1 <= limit <= 500:
+            raise InvalidArgumentError(f"limit must be between 1 and 500, not {limit}")
+        if status is not None and status not in RUN_STATUSES + LIVE_STATUSES:
+            raise InvalidArgumentError(f"unknown status {status!r}; one of {', '.join(RUN_STATUSES + LIVE_STATUSES)}")
+        runs = [r for r in self.ledger.runs(agent=agent, status=status) if r.kept or not kept_only]
+        return RunList(total=len(runs), runs=[
+            RunSummary(run_id=r.run_id, agent=r.agent, status=r.status, decision=r.decision, val_bpb=r.val_bpb,
+                       delta=r.delta, kept=r.kept, commit=r.commit, description=r.description)
+            for r in runs[:limit]])
+
+
+def write_results_row(path: Path, commit: str, val_bpb: float | None, memory_mb: float | None, status: str,
+                      description: str) -> None:
+    """Append one row to an agent's results.tsv in the seed's format (crashes as 0.000000 / 0.0)."""
+    if not path.exists():
+        path.write_text("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n")
+    bpb = f"{val_bpb:.6f}" if val_bpb is not None else "0.000000"
+    mem = f"{memory_mb / 1024:.1f}" if memory_mb is not None else "0.0"
+    desc = " ".join(description.split())
+    with path.open("a") as f:
+        f.write(f"{commit[:7]}\t{bpb}\t{mem}\t{status}\t{desc}\n")
+
+
+def read_results(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    header = lines[0].split("\t")
+    return [dict(zip(header, ln.split("\t", len(header) - 1))) for ln in lines[1:] if ln]
+
+
+__all__ = ["Lab", "create_lab", "check_agent", "program_dir", "set_budget", "write_results_row", "read_results", "TRAIN"]

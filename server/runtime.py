@@ -1,0 +1,44 @@
+"""The lab's link to the sandbox: which backend runs experiments, which slot pool leases them, and
+start-up recovery of runs a dead server left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from server import log
+from server.lab import Lab
+from server.ledger import owner_alive
+
+logger = log.get("runtime")
+
+
+def make_runtime(lab: Lab) -> tuple[Any, Any]:
+    """The sandbox backend and the host-wide slot pool for this lab's config."""
+    from sandbox import backends, gpus  # noqa: PLC0415 - imported late: docker-py is slow to import
+
+    backend = backends.make_backend(backends.parse_backend_config(lab.config.backend))
+    pool = gpus.pool_for(lab.config.slots_dir)
+    return backend, pool
+
+
+async def recover(lab: Lab, backend: Any) -> list[str]:
+    """Reap orphaned containers, then mark live rows of dead servers `interrupted`; returns their ids.
+
+    A row stays untouched while the server that wrote it runs (another agent's process); a row whose
+    owner is gone is finished once, here, and never recorded again.
+    """
+    reaped = await asyncio.to_thread(backend.reap)
+    for item in reaped:
+        logger.info("container_reaped", run_id=getattr(item, "run_id", item), reason=getattr(item, "reason", None))
+    reaped_ids = {getattr(item, "run_id", None) for item in reaped}
+    interrupted = []
+    for rec in lab.ledger.live():
+        if owner_alive(rec.owner_pid, rec.owner_start):
+            continue
+        note = "the server stopped during the run" + ("; its container was reaped" if rec.run_id in reaped_ids else "")
+        if lab.ledger.finish(rec.run_id, "interrupted", detail=note):
+            interrupted.append(rec.run_id)
+            logger.warning("run_interrupted", run_id=rec.run_id, agent=rec.agent)
+    return interrupted

@@ -1,0 +1,206 @@
+"""The MCP tools: thin typed functions over the lab. Their docstrings are the agent's manual.
+
+No git, docker or SQL here: each tool finds the calling agent, calls the lab, and turns a
+`LabError` (something the agent can fix) into a `ToolError` with the same message.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Literal, ParamSpec, TypeVar
+
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from pydantic import ConfigDict, Field
+
+from server.errors import LabError
+from server.experiment import to_result
+from server.models import (
+    BestResults, ExperimentResult, ExperimentState, LogText, PatchResult, ProgramText, ResetResult, RunList,
+    RunStarted, TrainFile,
+)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def agent_of(ctx: Context) -> str:
+    """The calling agent: the bearer token's agent over HTTP, the server's --agent over stdio."""
+    request = ctx.request_context.request
+    user = getattr(request, "user", None) if request is not None else None
+    if isinstance(user, AuthenticatedUser):
+        return user.access_token.client_id
+    agent = ctx.request_context.lifespan_context.stdio_agent
+    if agent is None:
+        raise ToolError("this server has no agent identity; start it with --agent NAME or use a bearer token")
+    return agent
+
+
+def state(ctx: Context) -> Any:
+    return ctx.request_context.lifespan_context
+
+
+def lab_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Report LabError as a ToolError: the agent sees the message and can act on it."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except LabError as e:
+            raise ToolError(str(e)) from e
+
+    return wrapper
+
+
+async def read_program(ctx: Context) -> ProgramText:
+    """Read the research program (program.md): the human's instructions, goals and rules for this lab.
+
+    Read it first. Also returns the fixed training budget of every experiment in seconds.
+    """
+    return state(ctx).lab.read_program()
+
+
+async def read_train(ctx: Context) -> TrainFile:
+    """Read your current train.py: the one file you may change.
+
+    Returns its text, line count, the commit your branch points at (your best so far) and whether
+    the file has patches not yet run. Other agents' files are not visible. Instant; no side effects.
+    """
+    return await state(ctx).lab.read_train(agent_of(ctx))
+
+
+async def apply_patch(
+    ctx: Context,
+    diff: Annotated[str, Field(description="A unified diff of train.py only, as `git diff` writes it: "
+                                           "'--- a/train.py' / '+++ b/train.py' headers and @@ hunks with context.")],
+) -> PatchResult:
+    """Apply a unified diff to your train.py (nothing runs; use run_experiment next).
+
+    The diff must touch only train.py (no other paths, renames, new or deleted files, binary
+    content), apply cleanly to the text read_train returns, stay under the size cap, and leave a
+    file that compiles as Python (checked with compile(), never executed). A rejected diff changes
+    nothing and the error says why. Patches accumulate until the next run_experiment; use
+    reset_train to drop them. Returns the new line count and a diffstat against your best commit.
+    """
+    return await state(ctx).lab.apply_patch(agent_of(ctx), diff)
+
+
+async def run_experiment(
+    ctx: Context,
+    description: Annotated[str, Field(description="A few words on what this experiment changes, e.g. "
+                                                  "'double the learning rate'. Becomes the commit message.")],
+) -> ExperimentResult:
+    """Train your current train.py for the program's fixed budget and keep it if val_bpb improved.
+
+    Blocks for the whole run: the budget (read_program's budget_s, 300 s on the GPU program) plus
+    start-up and evaluation, and any wait for the shared run slot; sends progress notifications at
+    least every 10 s (queue position, phase, step, loss, tokens/s, seconds left). The run is
+    sandboxed: no network, a hard deadline. The harness, not train.py, measures val_bpb
+    (validation bits per byte, lower is better).
+    Afterwards train.py is committed on your branch: if val_bpb beat your best it is kept (the
+    branch advances); otherwise it is discarded and train.py returns to your best (the attempt stays
+    reachable by its commit). Your first run is your baseline. On crash / timeout / oom the result
+    carries the log tail with the traceback: fix the bug and run again. Cancelling the call kills the
+    run and records it as cancelled. For clients with short call limits use start_experiment.
+    """
+    agent = agent_of(ctx)
+
+    async def report(elapsed_s: float, line: str) -> None:
+        await ctx.report_progress(progress=round(elapsed_s, 1), total=None, message=line)
+
+    return await state(ctx).experiments.run(agent, description, report)
+
+
+async def start_experiment(
+    ctx: Context,
+    description: Annotated[str, Field(description="A few words on what this experiment changes.")],
+) -> RunStarted:
+    """Start the same experiment as run_experiment in the background and return its run id at once.
+
+    Poll get_experiment(run_id) every 30-60 s until finished is true; the result is the same as
+    run_experiment's. train.py cannot be patched while the run is in flight.
+    """
+    rec = await state(ctx).experiments.start(agent_of(ctx), description)
+    return RunStarted(run_id=rec.run_id, status=rec.status)
+
+
+async def get_experiment(
+    ctx: Context,
+    run_id: Annotated[str, Field(description="A run id of yours, e.g. 'alice-0003'.")],
+) -> ExperimentState:
+    """Get one of your runs: its result when finished, its latest progress while queued or running.
+
+    Instant; no side effects.
+    """
+    st = state(ctx)
+    rec = st.lab.own_run(agent_of(ctx), run_id)
+    finished = rec.status not in ("queued", "running")
+    tail = None
+    if finished and rec.status in ("crash", "timeout", "oom"):
+        tail = st.lab.log_tail(rec.agent, run_id, st.lab.config.log_tail_lines).text
+    return ExperimentState(result=to_result(rec, tail), progress=None if finished else st.experiments.progress_of(run_id),
+                           finished=finished)
+
+
+async def get_best(ctx: Context) -> BestResults:
+    """Get your best result and the best of the whole lab (all agents on this host).
+
+    Each best has val_bpb (lower is better), run id, commit, description and the improvement over
+    that agent's baseline (its first run). Instant.
+    """
+    return state(ctx).lab.best(agent_of(ctx))
+
+
+async def list_experiments(
+    ctx: Context,
+    status: Annotated[Literal["ok", "crash", "timeout", "oom", "cancelled", "infra-error", "interrupted", "queued",
+                              "running"] | None,
+                      Field(description="Only runs with this status; omit for all.")] = None,
+    kept_only: Annotated[bool, Field(description="Only runs that were kept (each one a new best).")] = False,
+    limit: Annotated[int, Field(description="At most this many runs, newest first (1-500).", ge=1, le=500)] = 20,
+) -> RunList:
+    """List your past experiments, newest first, one compact line each (status, val_bpb, delta, kept).
+
+    Instant. Use get_log for one run's log.
+    """
+    return state(ctx).lab.list_runs(agent_of(ctx), status, kept_only, limit)
+
+
+async def get_log(
+    ctx: Context,
+    run_id: Annotated[str, Field(description="A run id of yours, e.g. 'alice-0003'.")],
+    lines: Annotated[int, Field(description="How many lines from the end (1-2000).", ge=1, le=2000)] = 100,
+) -> LogText:
+    """Read the last lines of one of your runs' logs (stdout and stderr of the training run). Instant."""
+    return state(ctx).lab.log_tail(agent_of(ctx), run_id, lines)
+
+
+async def reset_train(
+    ctx: Context,
+    to: Annotated[Literal["best", "baseline"], Field(
+        description="'best': your best commit's train.py (drops unrun patches); 'baseline': the program's original.")],
+) -> ResetResult:
+    """Replace your train.py with your best version or the program's original baseline.
+
+    Only the file changes; your branch and best stay where they are until the next run. Instant.
+    """
+    return await state(ctx).lab.reset_train(agent_of(ctx), to)
+
+
+TOOLS = [read_program, read_train, apply_patch, run_experiment, start_experiment, get_experiment, get_best,
+         list_experiments, get_log, reset_train]
+
+
+def register(mcp: MCPServer) -> None:
+    """Add every tool; unknown arguments are rejected, not silently dropped."""
+    for fn in TOOLS:
+        mcp.add_tool(lab_errors(fn), name=fn.__name__, structured_output=True)
+    for tool in mcp._tool_manager.list_tools():  # noqa: SLF001 - the SDK has no public knob for this
+        model = tool.fn_metadata.arg_model
+        strict = type(model.__name__, (model,), {"model_config": ConfigDict(extra="forbid", arbitrary_types_allowed=True),
+                                                 "__module__": model.__module__})
+        tool.fn_metadata.arg_model = strict
+        tool.parameters["additionalProperties"] = False
