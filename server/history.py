@@ -172,7 +172,6 @@ class History:
         """Commit the run's train.py snapshot, ref it as an attempt, and keep or drop it from the branch."""
         wt = self._wt(agent)
         base = wt.head.commit.hexsha
-        pending = (self.worktree(agent) / TRAIN).read_text(encoding="utf-8")
         self.write_train(agent, snapshot)
         body = message.strip() or "(no description)"
         body += "\n\n" + "\n".join(f"{k}: {v}" for k, v in trailers.items())
@@ -182,11 +181,7 @@ class History:
         sha = wt.head.commit.hexsha
         self.repo.git.update_ref(ATTEMPT_PREFIX + run_id, sha)
         if not keep:
-            wt.git.reset("--hard", base)
-        if pending != snapshot:
-            # The agent patched train.py while the run was in flight (not possible through the tools,
-            # which lock, but possible by hand): keep the newer text in the worktree.
-            self.write_train(agent, pending)
+            wt.git.reset("--hard", base)  # the seed's `git reset`: train.py returns to the best
         return sha
 
     def log(self, ref: str) -> list[CommitInfo]:

@@ -18,10 +18,11 @@ import contextlib
 import fcntl
 import os
 import re
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
-from trainer.config import ProgramConfig, load_program
+from trainer.config import ProgramConfig, TrainerError, load_program, parse_program
 
 from server import log
 from server.errors import BusyError, InvalidArgumentError, InvalidPatchError, LabStateError, NotFoundError
@@ -69,10 +70,13 @@ def create_lab(root: Path, program: str, *, budget_s: float | None = None, **con
     files = {name: (src / name).read_bytes() for name in PROGRAM_FILES}
     if budget_s is not None:
         files["program.toml"] = set_budget(files["program.toml"].decode(), budget_s).encode()
+    try:  # fail now, before anything is written, not at the first run
+        parse_program(tomllib.loads(files["program.toml"].decode("utf-8")), src / "program.toml")
+    except (TrainerError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise LabStateError(f"program {program!r} has a bad program.toml: {e}") from e
     cfg = LabConfig(program=src.name, **config)  # type: ignore[arg-type]
     root.mkdir(parents=True, exist_ok=True)
     init_repo(root / "repo", files)
-    load_program(root / "repo" / "program.toml")  # fail now, not at the first run
     for sub in ("worktrees", "runs", "results", "cache", "locks"):
         (root / sub).mkdir(exist_ok=True)
     (root / "lab.json").write_text(cfg.model_dump_json(indent=2) + "\n")
