@@ -1,0 +1,202 @@
+"""What train.py may call: the program's constants, a training loader, the clock, the hand-off.
+
+    cfg = trainer.program()                 # budget_s, seq_len, vocab_size, device, seed, ...
+    loader = trainer.train_loader(B, T)     # (x, y) int64 (B, T) on cfg.device, train split only
+    while trainer.step(loss):               # after each optimizer step; False once budget is spent
+        lr = schedule(trainer.progress())   # fraction of the budget used, 0..1
+    trainer.submit(model)                   # the trained model; the harness evaluates it
+
+The harness (trainer.run) owns the clock and the metric; train.py gets no path to validation
+data and never computes val_bpb.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.config import ProgramConfig, TrainerError
+
+PROGRESS_EVERY_S = 1.0  # progress lines (file and stdout) at most this often, plus the first steps
+
+
+class NotInHarnessError(TrainerError, RuntimeError):
+    """trainer's API was used outside `python -m trainer.run`."""
+
+
+class TrainingDiverged(TrainerError, ArithmeticError):
+    """The training loss went NaN, infinite or above the program's max_loss."""
+
+
+class BudgetExceeded(TrainerError, TimeoutError):
+    """train.py kept training past its budget plus grace."""
+
+
+class SubmitError(TrainerError, RuntimeError):
+    """trainer.submit was misused (called twice, or with something that is not a model)."""
+
+
+class ProgressLog:
+    """progress.jsonl: one JSON object per line, flushed at once so the host can follow it."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "a", buffering=1)
+
+    def emit(self, phase: str, **fields) -> None:
+        self.file.write(json.dumps({"phase": phase, **fields, "t": round(time.time(), 3)}) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@dataclass
+class Run:
+    """State of the one run in this process; only the harness creates it."""
+
+    program: ProgramConfig
+    data_dir: Path
+    log: ProgressLog
+    started: float = field(default_factory=time.monotonic)
+    steps: int = 0
+    clock_start: float | None = None  # when the charged training time began
+    tokens_at_clock_start: int = 0
+    last_step: float | None = None
+    last_report: float = 0.0
+    tokens_at_report: int = 0
+    last_loss: float | None = None
+    crash_reason: str | None = None
+    loaders: list = field(default_factory=list)
+    model: object = None
+    attention: list[tuple[int, int]] | None = None
+    submitted_at: float | None = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(loader.tokens_served for loader in self.loaders)
+
+    def elapsed(self) -> float:
+        """Charged training seconds so far."""
+        return 0.0 if self.clock_start is None else time.monotonic() - self.clock_start
+
+    def start_clock(self) -> None:
+        self.clock_start = time.monotonic()
+        self.tokens_at_clock_start = self.tokens
+
+
+_RUN: Run | None = None
+
+
+def _run() -> Run:
+    if _RUN is None:
+        raise NotInHarnessError("train.py must be run by the harness: python -m trainer.run "
+                                "--program P.toml --train train.py --data DIR --out DIR")
+    return _RUN
+
+
+def begin(program: ProgramConfig, data_dir: Path, log: ProgressLog) -> Run:
+    """Harness only: make the run that train.py's calls act on."""
+    global _RUN
+    _RUN = Run(program=program, data_dir=data_dir, log=log)
+    return _RUN
+
+
+def end() -> None:
+    global _RUN
+    if _RUN is not None:
+        for loader in _RUN.loaders:
+            loader.close()
+    _RUN = None
+
+
+def program() -> ProgramConfig:
+    """The program's fixed settings (frozen): budget_s, seq_len, vocab_size, device, seed, ..."""
+    return _run().program
+
+
+def train_loader(batch_size: int, seq_len: int | None = None):
+    """An endless iterator of (inputs, targets), int64 (batch_size, seq_len), on the device.
+
+    Rows are packed from the training split only, each starting with BOS, deterministic for the
+    program's seed. seq_len defaults to the program's (evaluation always uses the program's).
+    """
+    from trainer.loader import TrainLoader
+    from trainer.shards import open_split
+
+    run = _run()
+    if batch_size < 1 or (seq_len is not None and seq_len < 1):
+        raise ValueError(f"batch_size and seq_len must be positive, got {batch_size}, {seq_len}")
+    loader = TrainLoader(open_split(run.data_dir, "train"), batch_size, seq_len or run.program.seq_len,
+                         seed=run.program.seed + len(run.loaders), device=run.program.device)
+    run.loaders.append(loader)
+    if run.program.untimed_steps == 0 and run.clock_start is None:
+        run.start_clock()
+    return loader
+
+
+def step(loss) -> bool:
+    """Report one finished optimizer step; True while training budget remains.
+
+    Call it once per optimizer step with the step's loss (a float or a scalar tensor). A NaN,
+    infinite or exploding loss raises TrainingDiverged (the run ends as a crash); training on
+    past the budget plus grace raises BudgetExceeded.
+    """
+    run = _run()
+    value = float(loss.detach().float().item() if hasattr(loss, "detach") else loss)
+    run.steps += 1
+    now = time.monotonic()
+    run.last_step, run.last_loss = now, value
+    if not math.isfinite(value) or value > run.program.max_loss:
+        run.crash_reason = (f"training diverged: loss is {value} at step {run.steps} "
+                            f"(limit {run.program.max_loss:g})")
+        run.log.emit("train", step=run.steps, loss=value, remaining_s=None)
+        raise TrainingDiverged(run.crash_reason)
+    if run.clock_start is None and run.steps >= run.program.untimed_steps:
+        run.start_clock()
+        _report(run, now, force=True)
+        return True
+    elapsed = run.elapsed()
+    budget = run.program.budget_s
+    if elapsed > budget + run.program.grace_s:
+        run.crash_reason = (f"train.py trained {elapsed:.1f}s, past its budget of {budget:g}s plus "
+                            f"{run.program.grace_s:g}s grace: stop when trainer.step() returns False")
+        raise BudgetExceeded(run.crash_reason)
+    _report(run, now, force=run.steps <= 3 or elapsed >= budget)
+    return elapsed < budget
+
+
+def _report(run: Run, now: float, force: bool = False) -> None:
+    if not force and now - run.last_report < PROGRESS_EVERY_S:
+        return
+    tokens = run.tokens
+    rate = (tokens - run.tokens_at_report) / max(now - run.last_report, 1e-9) if run.last_report else None
+    run.last_report, run.tokens_at_report = now, tokens
+    remaining = max(run.program.budget_s - run.elapsed(), 0.0) if run.clock_start else run.program.budget_s
+    run.log.emit("train", step=run.steps, loss=round(run.last_loss, 6),
+                 tokens_per_s=round(rate, 1) if rate else None, remaining_s=round(remaining, 1))
+    done = 100 * min(run.elapsed() / run.program.budget_s, 1.0)
+    rate_s = f"{rate:,.0f}" if rate else "-"
+    print(f"step {run.steps:05d} ({done:5.1f}%) | loss {run.last_loss:.6f} | tok/s {rate_s} "
+          f"| remaining {remaining:.0f}s", flush=True)
+
+
+def progress() -> float:
+    """Fraction of the training budget used so far, 0..1 (0 during the untimed steps)."""
+    run = _run()
+    return min(run.elapsed() / run.program.budget_s, 1.0)
+
+
+def submit(model, attention: list[tuple[int, int]] | None = None) -> None:
+    """Hand the trained model to the harness, which evaluates it after train.py returns.
+
+    model(x) with x int64 (B, T) must return logits (B, T, vocab_size). attention, optional,
+    lists (heads x head_dim, window) per attention layer, for the MFU estimate only.
+    """
+    run = _run()
+    if run.model is not None:
+        raise SubmitError("trainer.submit() was already called: submit the model once")
+    if not callable(model):
+        raise SubmitError(f"trainer.submit() needs the model (a callable nn.Module), got {type(model).__name__}")
+    run.model, run.attention, run.submitted_at = model, attention, time.monotonic()

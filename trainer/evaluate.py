@@ -1,0 +1,99 @@
+"""Validation bits per byte: the one metric every run is judged by.
+
+The harness calls this on the model train.py submitted; train.py never sees validation data.
+Evaluation rows are packed from the validation split exactly like training rows, with a fixed
+seed, at the program's fixed sequence length and token count, so every run scores the same
+targets.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trainer.baseline import unigram_bpb
+from trainer.config import ProgramConfig, TrainerError
+from trainer.loader import BatchStream
+from trainer.shards import open_split
+from trainer.tokenizer import load_token_bytes
+
+EVAL_SEED = 20260311  # fixed for all programs and runs: the same rows every time
+
+
+class EvaluationError(TrainerError, ValueError):
+    """The submitted model cannot be evaluated (wrong output shape or dtype)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# DO NOT CHANGE — this is the fixed metric.
+# BPB = sum of per-token cross-entropy (nats) / (ln 2 * sum of target byte lengths), over a
+# fixed set of validation targets; special tokens (byte length 0) are excluded from both sums.
+
+@torch.no_grad()
+def evaluate_bpb(model, rows: list[torch.Tensor], token_bytes: torch.Tensor,
+                 autocast_dtype: torch.dtype | None = None) -> float:
+    """rows: int64 tensors (B, T+1) on the model's device; model(x) returns logits (B, T, V)."""
+    nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
+    nbytes = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
+    for row in rows:
+        x, y = row[:, :-1], row[:, 1:]
+        ctx = (torch.autocast(device_type=x.device.type, dtype=autocast_dtype)
+               if autocast_dtype is not None else nullcontext())
+        with ctx:
+            logits = model(x)
+        check_logits(logits, y, token_bytes.numel())
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
+                               reduction="none")
+        b = token_bytes[y.reshape(-1)]
+        keep = b > 0
+        nats += loss[keep].double().sum()
+        nbytes += b[keep].double().sum()
+    return float(nats / (math.log(2) * nbytes))
+
+# ---------------------------------------------------------------------------------------------
+
+
+def check_logits(logits, y: torch.Tensor, vocab_size: int) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise EvaluationError(f"model(x) must return a logits tensor, got {type(logits).__name__}")
+    want = (*y.shape, vocab_size)
+    if tuple(logits.shape) != want:
+        raise EvaluationError(f"model(x) returned logits of shape {tuple(logits.shape)}; "
+                              f"expected (batch, seq_len, vocab_size) = {want}")
+    if not logits.is_floating_point():
+        raise EvaluationError(f"model(x) returned {logits.dtype} logits; expected floating point")
+
+
+def eval_rows_numpy(data_dir, program: ProgramConfig) -> list[np.ndarray]:
+    """The fixed evaluation batches: eval_tokens // (eval_batch_size * seq_len) of them."""
+    n_batches = program.eval_tokens // (program.eval_batch_size * program.seq_len)
+    stream = BatchStream(open_split(data_dir, "val"), program.eval_batch_size, program.seq_len + 1,
+                         seed=EVAL_SEED, prefetch=2)
+    try:
+        return [stream.next_array() for _ in range(n_batches)]
+    finally:
+        stream.close()
+
+
+def evaluate_program(model, data_dir, program: ProgramConfig, device: torch.device) -> dict:
+    """val_bpb of `model` and the unigram baseline on the very same targets."""
+    arrays = eval_rows_numpy(data_dir, program)
+    token_bytes = load_token_bytes(data_dir)
+    counts = np.load(f"{data_dir}/train_counts.npy")
+    targets = np.stack([a[:, 1:] for a in arrays])
+    baseline = unigram_bpb(counts, token_bytes, targets)
+    rows = [torch.from_numpy(a).to(device).long() for a in arrays]
+    dtype = torch.bfloat16 if (device.type == "cuda" and program.autocast == "bfloat16") else None
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        bpb = evaluate_bpb(model, rows, torch.from_numpy(token_bytes).to(device), dtype)
+    finally:
+        if was_training:
+            model.train()
+    return {"val_bpb": bpb, "unigram_bpb": baseline, "eval_tokens": int(targets.size)}

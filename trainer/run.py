@@ -1,0 +1,202 @@
+"""The run harness, the container's entrypoint: run train.py under the program, then score it.
+
+Usage:
+    python -m trainer.run --program /work/program.toml --train /work/train.py --data /data --out /out
+
+Writes /out/result.json and /out/progress.jsonl, prints a summary block, exits 0 when the
+status is ok and 1 on a crash. val_bpb is computed here, from the submitted model, never by
+train.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import runpy
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from trainer import api
+from trainer.config import ProgramConfig, ProgramConfigError, load_program
+
+TRACEBACK_CHARS = 4000
+
+
+class Crash(Exception):
+    """Internal: ends the run with status crash."""
+
+    def __init__(self, reason: str, tb: str | None = None):
+        super().__init__(reason)
+        self.reason, self.tb = reason, tb
+
+
+def empty_result() -> dict:
+    return {"status": "crash", "reason": None, "val_bpb": None, "unigram_bpb": None,
+            "training_seconds": 0.0, "total_seconds": 0.0, "startup_seconds": 0.0,
+            "eval_seconds": 0.0, "peak_memory_mb": 0.0, "mfu_percent": None, "total_tokens": 0,
+            "num_steps": 0, "num_params": 0, "traceback_tail": None}
+
+
+def tail(exc: BaseException) -> str:
+    text = "".join(traceback.format_exception(exc))
+    return text[-TRACEBACK_CHARS:]
+
+
+def setup_torch(program: ProgramConfig):
+    import torch
+
+    if program.device == "cuda" and not torch.cuda.is_available():
+        raise Crash("this program needs a CUDA GPU but none is visible")
+    if program.cpu_threads:
+        torch.set_num_threads(program.cpu_threads)
+    torch.manual_seed(program.seed)
+    if program.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    return torch.device(program.device)
+
+
+def run_train(path: Path) -> None:
+    """Execute train.py as __main__; anything it raises ends the run as a crash."""
+    argv = sys.argv
+    sys.argv = [str(path)]
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise Crash(f"train.py exited with status {e.code}") from e
+    except BaseException as e:  # noqa: BLE001 — every failure of train.py is a crash result
+        reason = (api._RUN and api._RUN.crash_reason) or f"{type(e).__name__}: {e}"
+        raise Crash(reason.splitlines()[0] if reason else type(e).__name__, tail(e)) from e
+    finally:
+        sys.argv = argv
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (RSS)
+
+
+def score(run: api.Run, device, result: dict) -> None:
+    """Evaluate the submitted model and fill timing, throughput and MFU fields."""
+    from trainer.evaluate import evaluate_program
+    from trainer.flops import count_params, flops_per_token, mfu_percent, peak_flops
+
+    program = run.program
+    if run.model is None:
+        raise Crash("train.py finished without calling trainer.submit(model)")
+    if run.last_step is None or run.clock_start is None:
+        raise Crash(f"train.py made {run.steps} trainer.step() call(s); the training clock needs at "
+                    f"least {max(program.untimed_steps, 1)}: call trainer.step(loss) every step")
+    idle = time.monotonic() - run.last_step
+    if idle > program.grace_s:
+        raise Crash(f"train.py ran {idle:.0f}s after its last trainer.step(), more than the "
+                    f"{program.grace_s:g}s grace: all training must be inside the stepped loop")
+    training = run.last_step - run.clock_start
+    total_params, non_embedding = count_params(run.model)
+    result.update(training_seconds=round(training, 2), num_steps=run.steps,
+                  num_params=total_params, total_tokens=run.tokens,
+                  startup_seconds=round(run.clock_start - run.started, 2))
+    name = __import__("torch").cuda.get_device_name(device) if device.type == "cuda" else None
+    fpt = flops_per_token(non_embedding, run.attention, program.seq_len)
+    mfu = mfu_percent(fpt, run.tokens - run.tokens_at_clock_start, training, peak_flops(name))
+    result["mfu_percent"] = round(mfu, 2) if mfu is not None else None
+    run.log.emit("eval", eval_tokens=program.eval_tokens)
+    t0 = time.monotonic()
+    try:
+        scores = evaluate_program(run.model, run.data_dir, program, device)
+    except Exception as e:  # noqa: BLE001 — a model that cannot be scored is the run's crash
+        raise Crash(f"evaluation failed: {type(e).__name__}: {e}".splitlines()[0], tail(e)) from e
+    result["eval_seconds"] = round(time.monotonic() - t0, 2)
+    if not math.isfinite(scores["val_bpb"]):
+        raise Crash(f"evaluation gave val_bpb {scores['val_bpb']}: the model's logits are not finite")
+    result.update(val_bpb=round(scores["val_bpb"], 6), unigram_bpb=round(scores["unigram_bpb"], 6))
+
+
+def summary(result: dict) -> str:
+    """The seed-style block; a grep for '^val_bpb:' finds the score."""
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    lines = [
+        "---",
+        f"status:           {result['status']}",
+        f"val_bpb:          {fmt(result['val_bpb'], '.6f')}",
+        f"unigram_bpb:      {fmt(result['unigram_bpb'], '.6f')}",
+        f"training_seconds: {result['training_seconds']:.1f}",
+        f"total_seconds:    {result['total_seconds']:.1f}",
+        f"startup_seconds:  {result['startup_seconds']:.1f}",
+        f"eval_seconds:     {result['eval_seconds']:.1f}",
+        f"peak_memory_mb:   {result['peak_memory_mb']:.1f}",
+        f"mfu_percent:      {fmt(result['mfu_percent'], '.2f')}",
+        f"total_tokens_M:   {result['total_tokens'] / 1e6:.1f}",
+        f"num_steps:        {result['num_steps']}",
+        f"num_params_M:     {result['num_params'] / 1e6:.1f}",
+    ]
+    if result["reason"]:
+        lines.append(f"reason:           {result['reason']}")
+    return "\n".join(lines)
+
+
+def execute(program_path: Path, train_path: Path, data_dir: Path, out_dir: Path) -> dict:
+    """The whole run; returns the result dict (already written to out_dir/result.json)."""
+    t0 = time.monotonic()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = api.ProgressLog(out_dir / "progress.jsonl")
+    log.emit("startup", train=str(train_path))
+    result, device = empty_result(), None
+    try:
+        try:
+            program = load_program(program_path)
+        except ProgramConfigError as e:
+            raise Crash(str(e)) from e
+        if not train_path.is_file():
+            raise Crash(f"{train_path}: train.py not found")
+        if not (data_dir / "meta.json").is_file():
+            raise Crash(f"{data_dir} holds no prepared data (no meta.json): run trainer.prepare first")
+        device = setup_torch(program)
+        run = api.begin(program, data_dir, log)
+        run.started = t0
+        run_train(train_path)
+        if run.crash_reason:  # train.py caught our exception and carried on
+            raise Crash(run.crash_reason)
+        score(run, device, result)
+        result.update(status="ok")
+    except Crash as e:
+        result.update(status="crash", reason=e.reason, traceback_tail=e.tb, val_bpb=None)
+    finally:
+        run = api._RUN
+        if run is not None and result["num_steps"] == 0:
+            result.update(num_steps=run.steps, total_tokens=run.tokens)
+        api.end()
+    if device is not None:
+        result["peak_memory_mb"] = round(peak_memory_mb(device), 1)
+    result["total_seconds"] = round(time.monotonic() - t0, 2)
+    (out_dir / "result.json").write_text(json.dumps(result, indent=2))
+    log.emit("done", status=result["status"], val_bpb=result["val_bpb"], reason=result["reason"])
+    log.close()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m trainer.run", description=__doc__.split("\n")[0])
+    ap.add_argument("--program", required=True, type=Path, help="program.toml")
+    ap.add_argument("--train", required=True, type=Path, help="the train.py to run")
+    ap.add_argument("--data", required=True, type=Path, help="the prepared data folder")
+    ap.add_argument("--out", required=True, type=Path, help="folder for result.json, progress.jsonl")
+    args = ap.parse_args(argv)
+    result = execute(args.program, args.train, args.data, args.out)
+    if result["traceback_tail"]:
+        print(result["traceback_tail"], file=sys.stderr)
+    print(summary(result), flush=True)
+    return 0 if result["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
