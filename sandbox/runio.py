@@ -1,0 +1,170 @@
+"""What a run leaves on the host: the capped log, the progress lines, the result file.
+
+The run's output folder is written by untrusted code, so everything here reads with size bounds
+and tolerates garbage: a bad progress line is skipped, a bad result.json is None.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger("sandbox")
+
+RESULT_MAX_BYTES = 1 << 20  # result.json is a small summary; anything larger is not ours
+PROGRESS_MAX_LINE = 64 * 1024
+PROGRESS_MAX_READ = 1 << 20  # per poll: a run spamming progress.jsonl cannot stall the host
+TAIL_CHARS = 4000
+
+
+class CappedLog:
+    """Stream bytes to a file keeping the first and last `cap_bytes / 2`, never more in memory.
+
+    Bytes go straight to disk until the head is full; after that only a bounded tail is kept in
+    memory and written, after an omission marker, on close.
+    """
+
+    def __init__(self, path: Path, cap_bytes: int) -> None:
+        self.path = path
+        self.head_cap = cap_bytes // 2
+        self.tail_cap = cap_bytes - self.head_cap
+        self.total = 0
+        self._head_written = 0
+        self._tail: deque[bytes] = deque()
+        self._tail_len = 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.closed = False
+        self._lock = threading.Lock()  # a pump thread writes while the run's task may close
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        if self.closed or not data:
+            return
+        self.total += len(data)
+        room = self.head_cap - self._head_written
+        if room > 0:
+            self._f.write(data[:room])
+            self._f.flush()
+            self._head_written += min(room, len(data))
+            data = data[room:]
+        if data:
+            self._tail.append(data[-self.tail_cap:])
+            self._tail_len += len(self._tail[-1])
+            while self._tail_len - len(self._tail[0]) >= self.tail_cap:
+                self._tail_len -= len(self._tail.popleft())
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > self.head_cap + self.tail_cap
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        if self.closed:
+            return
+        tail = b"".join(self._tail)[-self.tail_cap:]
+        omitted = self.total - self._head_written - len(tail)
+        if omitted > 0:
+            self._f.write(f"\n[... {omitted} bytes of log omitted (cap {self.head_cap + self.tail_cap}) ...]\n"
+                          .encode())
+        self._f.write(tail)
+        self._f.close()
+        self._tail.clear()
+        self.closed = True
+
+    def tail_text(self, chars: int = TAIL_CHARS) -> str:
+        """The last `chars` characters of what was written (works before and after close)."""
+        if self._tail:
+            data = b"".join(self._tail)[-chars * 4:]
+        else:
+            data = read_tail_bytes(self.path, chars * 4)
+        return data.decode("utf-8", errors="replace")[-chars:]
+
+
+def read_tail_bytes(path: Path, n: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - n))
+            return f.read()
+    except OSError:
+        return b""
+
+
+class ProgressFollower:
+    """Follow output_dir/progress.jsonl and hand each parsed JSON object to a callback."""
+
+    def __init__(self, path: Path, on_progress: Callable[[dict], None] | None, poll_s: float = 0.25) -> None:
+        self.path = path
+        self.on_progress = on_progress
+        self.poll_s = poll_s
+        self._offset = 0
+        self._partial = b""
+        self.lines = 0
+
+    async def follow(self) -> None:
+        """Poll until cancelled; call drain() once more after the run has exited."""
+        while True:
+            self.drain()
+            await asyncio.sleep(self.poll_s)
+
+    def drain(self) -> None:
+        if self.on_progress is None:
+            return
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read(PROGRESS_MAX_READ)
+        except OSError:
+            return  # not written yet (or not a regular file): nothing to report
+        self._offset += len(data)
+        chunks = (self._partial + data).split(b"\n")
+        self._partial = chunks.pop()
+        if len(self._partial) > PROGRESS_MAX_LINE:
+            self._partial = b""
+        for raw in chunks:
+            self._emit(raw)
+
+    def _emit(self, raw: bytes) -> None:
+        if not raw.strip() or len(raw) > PROGRESS_MAX_LINE:
+            return
+        try:
+            item = json.loads(raw)
+        except ValueError:
+            return
+        if not isinstance(item, dict):
+            return
+        self.lines += 1
+        try:
+            self.on_progress(item)  # type: ignore[misc]
+        except Exception:  # a broken callback must not break the run
+            log.exception("progress_callback_failed", path=str(self.path))
+
+
+def read_result(output_dir: Path) -> tuple[dict | None, str]:
+    """output_dir/result.json as a dict, or None with the reason."""
+    path = output_dir / "result.json"
+    try:
+        if not path.is_file():
+            return None, "no result.json"
+        if path.stat().st_size > RESULT_MAX_BYTES:
+            return None, f"result.json larger than {RESULT_MAX_BYTES} bytes"
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        return None, f"result.json unreadable: {e}"
+    if not isinstance(data, dict):
+        return None, "result.json is not a JSON object"
+    return data, ""
