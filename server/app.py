@@ -19,7 +19,7 @@ from server import log, tools
 from server.errors import InvalidArgumentError
 from server.experiment import Experiments
 from server.lab import Lab, check_agent
-from server.runtime import make_runtime, recover
+from server.runtime import image_of, make_runtime, recover
 
 INSTRUCTIONS = """\
 Autonomous ML research: improve train.py so that validation bits per byte (val_bpb, lower is
@@ -48,7 +48,7 @@ async def open_state(lab_dir: Path, stdio_agent: str | None) -> AsyncIterator[Ap
     try:
         backend, pool = make_runtime(lab)
         await recover(lab, backend)
-        experiments = Experiments(lab, backend, pool, lab.config.image)
+        experiments = Experiments(lab, backend, pool, image_of(lab))
         logger.info("lab_opened", lab=str(lab.root), program=lab.config.program, agent=stdio_agent)
         try:
             yield AppState(lab, experiments, stdio_agent)

@@ -67,6 +67,9 @@ def create_lab(root: Path, program: str, *, budget_s: float | None = None, **con
     if (root / "lab.json").exists():
         raise LabStateError(f"{root} is already a lab; open it instead")
     src = program_dir(program)
+    missing = [name for name in PROGRAM_FILES if not (src / name).is_file()]
+    if missing:
+        raise LabStateError(f"program folder {src} lacks {', '.join(missing)}")
     files = {name: (src / name).read_bytes() for name in PROGRAM_FILES}
     if budget_s is not None:
         files["program.toml"] = set_budget(files["program.toml"].decode(), budget_s).encode()

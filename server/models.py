@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from sandbox.config import BackendConfig, DockerBackendConfig
 
 AGENT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 """Agent names become git branch names and file names: keep them boring."""
@@ -32,11 +33,9 @@ class LabConfig(BaseModel):
     """Name of the program folder (under programs/) the lab was made from."""
     data_dir: Path | None = None
     """Prepared data folder for the program; None means `<lab>/data`."""
-    backend: dict[str, Any] = Field(default_factory=lambda: {"type": "docker"})
-    """The sandbox backend config (a discriminated union on `type`: docker | local), as the sandbox
-    package validates it."""
-    image: str = "autoresearch-sandbox:cpu"
-    """Sandbox image the docker backend runs (build-image --flavor cpu|gpu makes it)."""
+    backend: BackendConfig = Field(default_factory=DockerBackendConfig)
+    """The sandbox backend (`type`: docker, the isolated default, or local: a bare subprocess, for
+    development only); the docker config names the image."""
     slots_dir: Path | None = None
     """Folder of the host-wide run-slot locks; None means the sandbox's default (shared by all labs)."""
     startup_allowance_s: float = 180.0

@@ -16,11 +16,17 @@ logger = log.get("runtime")
 
 def make_runtime(lab: Lab) -> tuple[Any, Any]:
     """The sandbox backend and the host-wide slot pool for this lab's config."""
-    from sandbox import backends, gpus  # noqa: PLC0415 - imported late: docker-py is slow to import
+    from sandbox import gpus  # noqa: PLC0415
+    from sandbox.config import make_backend  # noqa: PLC0415
 
-    backend = backends.make_backend(backends.parse_backend_config(lab.config.backend))
+    backend = make_backend(lab.config.backend)
     pool = gpus.pool_for(lab.config.slots_dir)
     return backend, pool
+
+
+def image_of(lab: Lab) -> str:
+    """The image RunSpecs name (the local backend ignores it)."""
+    return getattr(lab.config.backend, "image", "none")
 
 
 async def recover(lab: Lab, backend: Any) -> list[str]:

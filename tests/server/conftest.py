@@ -1,0 +1,65 @@
+"""Fixtures for the server tests: labs made from the real tiny-stdlib program, its prepared data
+(prepared once per session with the trainer's own prepare), and Docker clean-up by label.
+
+Docker tests fail, never skip, when the engine or the image is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.lab import Lab, create_lab, program_dir
+
+REPO = Path(__file__).resolve().parents[2]
+PROGRAM = os.environ.get("AUTORESEARCH_TEST_PROGRAM", "tiny-stdlib")
+TEST_BUDGET_S = float(os.environ.get("AUTORESEARCH_TEST_BUDGET_S", "4"))
+IMAGE = os.environ.get("AUTORESEARCH_TEST_IMAGE", "autoresearch-sandbox:cpu")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """tiny-stdlib's prepared data folder, made once per session on the host (prepare is trusted code)."""
+    out = tmp_path_factory.mktemp("tiny-data")
+    subprocess.run(
+        [sys.executable, "-m", "trainer.prepare", "--program", str(program_dir(PROGRAM) / "program.toml"),
+         "--data-dir", str(out), "--max-bytes", "3000000"],
+        check=True, cwd=REPO, stdout=subprocess.DEVNULL,
+    )
+    return out
+
+
+@pytest.fixture
+def slots_dir(tmp_path) -> Path:
+    """A private slot pool per test, so tests never queue behind another test's runs."""
+    path = tmp_path / "slots"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def make_lab(tmp_path, slots_dir):
+    """Create a lab from tiny-stdlib; options become LabConfig fields."""
+    opened: list[Lab] = []
+
+    def make(name: str = "lab", backend: str = "local", budget_s: float = TEST_BUDGET_S, data_dir: Path | None = None,
+             **config) -> Path:
+        root = tmp_path / name
+        backend_cfg = {"type": "docker", "image": IMAGE} if backend == "docker" else {
+            "type": "local", "state_dir": str(tmp_path / "local-state")}
+        create_lab(root, PROGRAM, budget_s=budget_s, backend=backend_cfg, data_dir=data_dir,
+                   slots_dir=slots_dir, **config)
+        return root
+
+    yield make
+    for lab in opened:
+        lab.close()
