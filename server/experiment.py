@@ -162,8 +162,7 @@ class Experiments:
     def _prepare_run_dir(self, pending: Pending) -> tuple[Path, Path, Path]:
         run_dir = self.lab.run_dir(pending.record.run_id)
         out = run_dir / "out"
-        out.mkdir(parents=True, exist_ok=True)
-        out.chmod(0o777)  # the container's non-root user writes result.json here
+        out.mkdir(parents=True, exist_ok=True)  # the sandbox hands it to the container's user
         (run_dir / "train.py").write_text(pending.snapshot, encoding="utf-8")
         shutil.copyfile(self.lab.program_toml, run_dir / "program.toml")
         return run_dir, out, run_dir / "log.txt"

@@ -22,6 +22,7 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
+from pydantic import ValidationError
 from trainer.config import ProgramConfig, TrainerError, load_program, parse_program
 
 from server import log
@@ -104,7 +105,10 @@ class Lab:
             raise LabStateError(
                 f"{self.root} is not a lab (no lab.json); create one with `autoresearch-mcp prepare PROGRAM --lab {root}`"
             )
-        self.config = config or LabConfig.model_validate_json((self.root / "lab.json").read_text())
+        try:
+            self.config = config or LabConfig.model_validate_json((self.root / "lab.json").read_text())
+        except ValidationError as e:
+            raise LabStateError(f"{self.root / 'lab.json'} is not a valid lab config: {e}") from e
         self.history = History(self.root / "repo", self.root / "worktrees")
         self.ledger = Ledger(self.root / "ledger.sqlite")
         self._git_lock = asyncio.Lock()
@@ -177,11 +181,7 @@ class Lab:
     async def ensure_agent(self, agent: str) -> Path:
         check_agent(agent)
         path = await self.git(self.history.ensure_agent, agent)
-        cache = self.cache_dir(agent)
-        if not cache.exists():
-            cache.mkdir(parents=True)
-            # The container's non-root user writes here; the folder holds nothing but caches.
-            os.chmod(cache, 0o777)
+        self.cache_dir(agent).mkdir(parents=True, exist_ok=True)  # the sandbox hands it to the run's user
         return path
 
     # -- what the tools do, apart from experiments (server.experiment) --------------------------

@@ -1,0 +1,97 @@
+"""`autoresearch-mcp doctor`: check every piece a lab needs and print the exact command that fixes
+each missing one. Exit status 1 when something required is missing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from sandbox.config import DockerBackendConfig
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True
+
+
+def _docker(image: str | None) -> list[Check]:
+    try:
+        import docker  # noqa: PLC0415
+
+        client = docker.from_env()
+        client.ping()
+        info = client.info()
+    except Exception as e:  # noqa: BLE001 - any failure means "not reachable"
+        return [Check("docker engine", False, f"not reachable: {e}",
+                      "start it: `sudo systemctl start docker` (or `sudo dockerd &`); install: docker.io / docker-ce")]
+    checks = [Check("docker engine", True, f"version {info.get('ServerVersion', '?')}")]
+    runtimes = sorted(info.get("Runtimes", {}))
+    has_nvidia = "nvidia" in runtimes or any("nvidia" in str(v) for v in info.get("CDISpecDirs", []) or [])
+    checks.append(Check("nvidia container runtime", has_nvidia, f"runtimes: {', '.join(runtimes)}",
+                        "install the NVIDIA Container Toolkit, then `sudo nvidia-ctk runtime configure --runtime=docker "
+                        "&& sudo systemctl restart docker`", required=False))
+    if image:
+        try:
+            client.images.get(image)
+            checks.append(Check("sandbox image", True, image))
+        except Exception:  # noqa: BLE001
+            flavor = "gpu" if image.endswith(":gpu") else "cpu"
+            checks.append(Check("sandbox image", False, f"{image} is not on this host",
+                                f"autoresearch-mcp build-image --flavor {flavor} --tag {image}"))
+    return checks
+
+
+def _gpus(needed: bool) -> Check:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return Check("GPUs", False, "nvidia-smi not found", "install the NVIDIA driver (GPU hosts only)", required=needed)
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        return Check("GPUs", False, f"nvidia-smi failed: {e}", "check the NVIDIA driver", required=needed)
+    lines = [ln for ln in out.splitlines() if ln.startswith("GPU ")]
+    return Check("GPUs", bool(lines), "; ".join(lines) or "none listed", "check the NVIDIA driver", required=needed)
+
+
+def doctor(root: Path) -> int:
+    from server.lab import Lab  # noqa: PLC0415
+
+    checks: list[Check] = []
+    lab = None
+    if (root / "lab.json").is_file():
+        lab = Lab(root)
+        checks.append(Check("lab", True, f"{root} (program {lab.config.program}, backend {lab.config.backend.type})"))
+    else:
+        checks.append(Check("lab", False, f"{root} is not a lab",
+                            f"autoresearch-mcp prepare tiny-stdlib --lab {root}   (or gpt-climbmix on a GPU host)"))
+    try:
+        docker_cfg = lab.config.backend if lab and isinstance(lab.config.backend, DockerBackendConfig) else None
+        if lab is None or docker_cfg is not None:
+            checks += _docker(docker_cfg.image if docker_cfg else DockerBackendConfig().image)
+        if lab is not None:
+            meta = lab.data_dir / "meta.json"
+            checks.append(Check("prepared data", meta.is_file(), str(lab.data_dir),
+                                f"autoresearch-mcp prepare {lab.config.program} --lab {root}"))
+            checks.append(_gpus(needed=lab.program().device == "cuda"))
+        else:
+            checks.append(_gpus(needed=False))
+    finally:
+        if lab is not None:
+            lab.close()
+    bad = 0
+    for c in checks:
+        mark = "ok " if c.ok else ("MISSING" if c.required else "absent ")
+        print(f"[{mark}] {c.name}: {c.detail}")
+        if not c.ok:
+            print(f"          fix: {c.fix}")
+            bad += c.required
+    print("all required pieces are in place" if not bad else f"{bad} required piece(s) missing", file=sys.stderr)
+    return 1 if bad else 0

@@ -1,0 +1,197 @@
+"""Set-up commands: make a lab and prepare its data; build the sandbox image. Both show progress.
+
+Prepare runs the trainer's own `python -m trainer.prepare` (trusted code, never the agent's). With
+the docker backend it runs in the sandbox image, with network only when the data source needs it
+(climbmix downloads); with the local backend, or `--on-host`, it runs with the host's Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sandbox.config import DockerBackendConfig, LocalBackendConfig
+from tqdm import tqdm
+
+from server import log
+from server.errors import InvalidArgumentError, LabError, LabStateError
+from server.lab import REPO_ROOT, Lab, create_lab, program_dir
+
+PREPARE_DEADLINE_S = 6 * 3600.0  # climbmix: tens of GB over the network on a slow link
+logger = log.get("prepare")
+
+
+class _Lines:
+    """A tqdm bar for a step of unknown length: counts output lines, shows the latest one."""
+
+    def __init__(self, what: str) -> None:
+        self.bar = tqdm(desc=what, unit=" lines", file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    def __call__(self, line: str) -> None:
+        line = line.rstrip()
+        if line:
+            self.bar.update(1)
+            self.bar.set_postfix_str(line[-80:], refresh=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def open_or_create(root: Path, program: str, *, backend: str | None, image: str | None, budget_s: float | None,
+                   data_dir: Path | None) -> Lab:
+    """The lab at `root`, made from `program` first if it is not a lab yet."""
+    if not (root / "lab.json").exists():
+        cfg: DockerBackendConfig | LocalBackendConfig = (
+            LocalBackendConfig() if backend == "local" else DockerBackendConfig(**({"image": image} if image else {})))
+        create_lab(root, program, budget_s=budget_s, backend=cfg, data_dir=data_dir.resolve() if data_dir else None)
+        print(f"created lab {root} from program {program}", file=sys.stderr)
+    else:
+        if any(v is not None for v in (backend, image, budget_s, data_dir)):
+            raise InvalidArgumentError(f"{root} is already a lab: --backend/--image/--budget-s/--data-dir only apply "
+                                       "to a new lab (edit lab.json, or pick another --lab)")
+    lab = Lab(root)
+    if lab.config.program != program_dir(program).name:
+        lab.close()
+        raise LabStateError(f"lab {root} was made for program {lab.config.program!r}, not {program!r}")
+    return lab
+
+
+def prepare(root: Path, program: str, *, backend: str | None = None, image: str | None = None,
+            budget_s: float | None = None, data_dir: Path | None = None, on_host: bool = False,
+            extra: list[str] | None = None) -> int:
+    lab = open_or_create(Path(root), program, backend=backend, image=image, budget_s=budget_s, data_dir=data_dir)
+    try:
+        lab.data_dir.mkdir(parents=True, exist_ok=True)
+        extra = list(extra or [])
+        if on_host or isinstance(lab.config.backend, LocalBackendConfig):
+            code = _prepare_on_host(lab, extra)
+        else:
+            code = asyncio.run(_prepare_in_sandbox(lab, extra))
+        if code == 0 and not (lab.data_dir / "meta.json").is_file():
+            raise LabStateError(f"prepare exited 0 but wrote no meta.json in {lab.data_dir}")
+        print(f"data {'ready' if code == 0 else 'NOT prepared'}: {lab.data_dir}", file=sys.stderr)
+        return code
+    finally:
+        lab.close()
+
+
+def _prepare_on_host(lab: Lab, extra: list[str]) -> int:
+    cmd = [sys.executable, "-m", "trainer.prepare", "--program", str(lab.program_toml),
+           "--data-dir", str(lab.data_dir), *extra]
+    bar = _Lines("prepare (host)")
+    try:
+        with subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
+            assert p.stdout is not None
+            tail: list[str] = []
+            for line in p.stdout:
+                bar(line)
+                tail = (tail + [line.rstrip()])[-20:]
+    finally:
+        bar.close()
+    if p.returncode != 0:
+        print("\n".join(tail), file=sys.stderr)
+    return p.returncode
+
+
+def _needs_network(lab: Lab, extra: list[str]) -> bool:
+    source = extra[extra.index("--source") + 1] if "--source" in extra[:-1] else lab.program().data.kind
+    return source == "climbmix"
+
+
+async def _prepare_in_sandbox(lab: Lab, extra: list[str]) -> int:
+    """trainer.prepare in the sandbox image, the data folder mounted at /out (read-write)."""
+    from sandbox.config import make_backend  # noqa: PLC0415
+    from sandbox.models import Limits, Mount, RunSpec  # noqa: PLC0415
+
+    if "--path" in extra:
+        raise InvalidArgumentError("--path (local documents) is read on the host: add --on-host")
+    run_id = f"prepare-{int(time.time())}"
+    logs = lab.root / "runs" / run_id
+    logs.mkdir(parents=True)
+    spec = RunSpec(
+        run_id=run_id, image=lab.config.backend.image,  # type: ignore[union-attr]
+        command=["python3", "-m", "trainer.prepare", "--program", "/work/program.toml", "--data-dir", "/out", *extra],
+        mounts=[Mount(source=lab.program_toml, target="/work/program.toml")],
+        env={"PYTHONUNBUFFERED": "1", "HOME": "/tmp"}, output_dir=lab.data_dir.resolve(),
+        log_path=logs / "log.txt", deadline_s=PREPARE_DEADLINE_S, limits=Limits(memory_gb=16.0),
+    )
+    backend = make_backend(lab.config.backend)
+    bar = _Lines("prepare (sandbox)")
+    try:
+        if _needs_network(lab, extra):
+            code = await asyncio.to_thread(_run_with_network, backend, spec, bar)
+        else:
+            follow = asyncio.create_task(_follow_log(spec.log_path, bar))
+            try:
+                outcome = await backend.run(spec)
+            finally:
+                follow.cancel()
+            code = 0 if outcome.status == "ok" else 1
+            if code:
+                print(outcome.log_tail, file=sys.stderr)
+    finally:
+        bar.close()
+    return code
+
+
+async def _follow_log(path: Path, bar: _Lines) -> None:
+    """Feed the bar with the log's new lines while the sandbox writes it."""
+    offset = 0
+    while True:
+        await asyncio.sleep(0.5)
+        if path.exists():
+            with path.open("rb") as f:
+                f.seek(offset)
+                data = f.read()
+            cut = data.rfind(b"\n") + 1
+            offset += cut
+            for line in data[:cut].decode(errors="replace").splitlines():
+                bar(line)
+
+
+def _run_with_network(backend, spec, bar: _Lines) -> int:  # noqa: ANN001 - a DockerBackend
+    """The one step that may reach the network: the sandbox's hardening, but a bridge network.
+
+    The sandbox runs experiments with no network at all and offers no switch; data download is
+    trusted code, so this narrow exception builds the container from the same hardening function.
+    """
+    import docker  # noqa: PLC0415
+    from sandbox.hardening import container_kwargs  # noqa: PLC0415
+
+    backend._prepare(spec)  # noqa: SLF001 - hands /out to the container user
+    kwargs = container_kwargs(spec, user=backend.user, owner=backend.owner,
+                              deadline_unix=time.time() + spec.deadline_s)
+    kwargs["network_mode"] = "bridge"
+    try:
+        container = backend.client.containers.run(**kwargs)
+    except docker.errors.DockerException as e:
+        raise LabError(f"could not start the prepare container: {e}") from e
+    try:
+        with spec.log_path.open("wb") as f:
+            for chunk in container.logs(stream=True, follow=True):
+                f.write(chunk)
+                for line in chunk.decode(errors="replace").splitlines():
+                    bar(line)
+        code = container.wait(timeout=spec.deadline_s)["StatusCode"]
+    finally:
+        container.remove(force=True)
+    if code != 0:
+        print(spec.log_path.read_text(errors="replace")[-4000:], file=sys.stderr)
+    return int(code)
+
+
+def build_image(flavor: str, tag: str | None, online: bool) -> int:
+    from sandbox.image import build_image as build  # noqa: PLC0415
+
+    bar = _Lines(f"build-image ({flavor})")
+    try:
+        built = build(flavor, tag, offline=False if online else None, only_if_stale=True, on_progress=bar)  # type: ignore[arg-type]
+    except Exception as e:
+        bar.close()
+        raise LabError(f"image build failed: {e}") from e
+    bar.close()
+    print(f"image ready: {built}", file=sys.stderr)
+    return 0
