@@ -50,8 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="new lab: prepared data folder (default LAB/data)")
     p.add_argument("--on-host", action="store_true",
                    help="run the (trusted) prepare step with the host's Python instead of the sandbox image")
-    p.add_argument("prepare_args", nargs=argparse.REMAINDER,
-                   help="after --: passed to `python -m trainer.prepare` (e.g. -- --source climbmix)")
+    p.add_argument("--source", choices=["climbmix", "local", "python-stdlib"], help="override the program's source")
+    p.add_argument("--path", action="append", help="local source: a folder or file to read (repeatable; --on-host)")
+    p.add_argument("--max-bytes", type=int, help="cap on text bytes read (local, python-stdlib)")
+    p.add_argument("--num-train-shards", type=int, help="climbmix: training shards to download")
+    p.add_argument("--base-url", help="climbmix: where shard_NNNNN.parquet files are served")
+    p.add_argument("--force", action="store_true", help="prepare again even if the data is up to date")
 
     p = sub.add_parser("build-image", help="build the sandbox image")
     p.add_argument("--flavor", choices=["cpu", "gpu"], default="cpu")

@@ -69,7 +69,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from server.prepare import prepare  # noqa: PLC0415
 
-    extra = [a for a in args.prepare_args if a != "--"]
+    extra: list[str] = []
+    for flag in ("source", "max_bytes", "num_train_shards", "base_url"):
+        if getattr(args, flag) is not None:
+            extra += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    for path in args.path or []:
+        extra += ["--path", str(Path(path).resolve())]
+    if args.force:
+        extra.append("--force")
     return prepare(args.lab, args.program, backend=args.backend, image=args.image, budget_s=args.budget_s,
                    data_dir=args.data_dir, on_host=args.on_host, extra=extra)
 
