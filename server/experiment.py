@@ -189,13 +189,13 @@ class Experiments:
     async def _run_in_sandbox(self, pending: Pending) -> RunOutcome:
         run_id = pending.record.run_id
 
-        def on_position(position: int) -> None:
-            pending.status_line = f"queued: position {position} for the run slot"
+        def on_position(ahead: int) -> None:
+            pending.status_line = f"queued: waiting for a run slot, {ahead} run(s) ahead"
 
         def on_progress(p: dict[str, Any]) -> None:
             pending.status_line = "running: " + progress_line(p)
 
-        async with self.pool.acquire(on_position=on_position) as lease:
+        async with self.pool.acquire(on_position=on_position, holder=run_id) as lease:
             gpu = getattr(lease, "gpu", None)
             self.lab.ledger.mark_running(run_id, gpu)
             pending.status_line = "running: starting the sandbox"

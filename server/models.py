@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from sandbox.config import BackendConfig, DockerBackendConfig
+from sandbox.gpus import PoolConfig
 
 AGENT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 """Agent names become git branch names and file names: keep them boring."""
@@ -36,8 +37,9 @@ class LabConfig(BaseModel):
     backend: BackendConfig = Field(default_factory=DockerBackendConfig)
     """The sandbox backend (`type`: docker, the isolated default, or local: a bare subprocess, for
     development only); the docker config names the image."""
-    slots_dir: Path | None = None
-    """Folder of the host-wide run-slot locks; None means the sandbox's default (shared by all labs)."""
+    pool: PoolConfig = Field(default_factory=PoolConfig)
+    """The host-wide run slots (one per GPU, or CPU slots): every server on the host must share its
+    state_dir so that leases stay exclusive."""
     startup_allowance_s: float = 180.0
     """Seconds on top of the program's budget_s for start-up, compile and evaluation; the sum is the
     hard deadline the host enforces."""

@@ -20,7 +20,7 @@ def make_runtime(lab: Lab) -> tuple[Any, Any]:
     from sandbox.config import make_backend  # noqa: PLC0415
 
     backend = make_backend(lab.config.backend)
-    pool = gpus.pool_for(lab.config.slots_dir)
+    pool = gpus.SlotPool(lab.config.pool)
     return backend, pool
 
 

@@ -57,7 +57,7 @@ def make_lab(tmp_path, slots_dir):
         backend_cfg = {"type": "docker", "image": IMAGE} if backend == "docker" else {
             "type": "local", "state_dir": str(tmp_path / "local-state")}
         create_lab(root, PROGRAM, budget_s=budget_s, backend=backend_cfg, data_dir=data_dir,
-                   slots_dir=slots_dir, **config)
+                   pool={"state_dir": str(slots_dir), "gpus": [], "cpu_slots": 1}, **config)
         return root
 
     yield make
