@@ -13,12 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from server.lab import Lab, create_lab, program_dir
+from server_helpers import IMAGE, PROGRAM, REPO, TEST_BUDGET_S
 
-REPO = Path(__file__).resolve().parents[2]
-PROGRAM = os.environ.get("AUTORESEARCH_TEST_PROGRAM", "tiny-stdlib")
-TEST_BUDGET_S = float(os.environ.get("AUTORESEARCH_TEST_BUDGET_S", "4"))
-IMAGE = os.environ.get("AUTORESEARCH_TEST_IMAGE", "autoresearch-sandbox:cpu")
+from server.lab import Lab, create_lab, program_dir
 
 
 @pytest.fixture
@@ -63,3 +60,33 @@ def make_lab(tmp_path, slots_dir):
     yield make
     for lab in opened:
         lab.close()
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    """The Docker engine with the sandbox image present; fails (never skips) otherwise."""
+    import docker  # noqa: PLC0415
+
+    try:
+        client = docker.from_env()
+        client.ping()
+    except Exception as e:  # noqa: BLE001
+        pytest.fail(f"Docker engine not reachable ({e}): start dockerd; these tests need a real engine")
+    try:
+        client.images.get(IMAGE)
+    except Exception:  # noqa: BLE001
+        pytest.fail(f"sandbox image {IMAGE} missing: run `autoresearch-mcp build-image --flavor cpu`")
+    return client
+
+
+@pytest.fixture
+def lab_containers(docker_client, tmp_path):
+    """A function listing the containers of labs under this test's tmp_path; removes leftovers after."""
+
+    def containers() -> list:
+        found = docker_client.containers.list(all=True, filters={"label": "autoresearch.lab"})
+        return [c for c in found if c.labels.get("autoresearch.lab", "").startswith(str(tmp_path))]
+
+    yield containers
+    for c in containers():
+        c.remove(force=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PROGRAM
+from server_helpers import PROGRAM
 
 from server.errors import BusyError, InvalidArgumentError, InvalidPatchError, LabStateError, NotFoundError
 from server.lab import Lab, create_lab, read_results, set_budget, write_results_row

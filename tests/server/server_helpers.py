@@ -1,0 +1,45 @@
+"""Shared helpers of the server tests (a unique module name: every test folder has its own conftest)."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+
+from server.lab import Lab
+
+REPO = Path(__file__).resolve().parents[2]
+PROGRAM = os.environ.get("AUTORESEARCH_TEST_PROGRAM", "tiny-stdlib")
+TEST_BUDGET_S = float(os.environ.get("AUTORESEARCH_TEST_BUDGET_S", "4"))
+IMAGE = os.environ.get("AUTORESEARCH_TEST_IMAGE", "autoresearch-sandbox:cpu")
+
+
+def make_diff(text: str, old: str, new: str, path: str = "train.py") -> str:
+    """A unified diff (difflib, 3 lines of context) replacing the first line that starts with `old`."""
+    lines = text.splitlines(keepends=True)
+    i = next(n for n, ln in enumerate(lines) if ln.startswith(old))
+    changed = lines[:i] + [new + "\n"] + lines[i + 1:]
+    return "".join(difflib.unified_diff(lines, changed, f"a/{path}", f"b/{path}"))
+
+
+def lab_state(root: Path, agents: tuple[str, ...] = ("alice",)) -> dict:
+    """Everything a tool call could change: git refs, worktree files, ledger rows, results, run folders."""
+    import git  # noqa: PLC0415
+
+    repo = git.Repo(root / "repo")
+    lab = Lab(root)
+    try:
+        rows = [r.model_dump() for r in lab.ledger.runs()]
+    finally:
+        lab.close()
+    state = {
+        "refs": sorted(repo.git.for_each_ref("--format=%(refname) %(objectname)").splitlines()),
+        "ledger": rows,
+        "results": sorted(p.name + ":" + p.read_text() for p in (root / "results").glob("*.tsv")),
+        "runs": sorted(p.name for p in (root / "runs").iterdir()),
+    }
+    for agent in agents:
+        wt = root / "worktrees" / agent
+        state[f"train:{agent}"] = (wt / "train.py").read_text() if wt.exists() else None
+        state[f"status:{agent}"] = git.Repo(wt).git.status("--porcelain") if wt.exists() else None
+    return state

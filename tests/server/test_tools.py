@@ -1,0 +1,101 @@
+"""The MCP tools through the official client, in memory: every bad input is rejected clearly and
+changes nothing. (Runs go through real stdio and real containers in test_e2e_stdio.py.)"""
+
+from __future__ import annotations
+
+import pytest
+from mcp import Client
+from server_helpers import lab_state, make_diff
+
+from server.app import build_server
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def client(make_lab, tiny_data):
+    root = make_lab(data_dir=tiny_data)
+    async with Client(build_server(root, stdio_agent="alice")) as c:
+        c.lab_root = root
+        yield c
+
+
+def bad_cases(train: str) -> list[tuple[str, str, dict, str]]:
+    """(id, tool, arguments, words the error must contain)."""
+    ok = make_diff(train, "LR = ", "LR = 5e-3")
+    return [
+        ("traversal", "apply_patch", {"diff": ok.replace("train.py", "../../etc/passwd")}, "only train.py"),
+        ("absolute-path", "apply_patch", {"diff": ok.replace("a/train.py", "/etc/passwd").replace("b/train.py", "/etc/passwd")}, "train.py"),
+        ("other-file", "apply_patch", {"diff": ok.replace("train.py", "program.toml")}, "only train.py"),
+        ("second-file", "apply_patch", {"diff": ok + ok.replace("train.py", "prepare.py")}, "only train.py"),
+        ("new-file", "apply_patch", {"diff": "--- /dev/null\n+++ b/evil.py\n@@ -0,0 +1 @@\n+import os\n"}, "only train.py"),
+        ("rename", "apply_patch", {"diff": "diff --git a/train.py b/t2.py\nsimilarity index 100%\nrename from train.py\nrename to t2.py\n"}, "only train.py"),
+        ("delete", "apply_patch", {"diff": "diff --git a/train.py b/train.py\ndeleted file mode 100644\n--- a/train.py\n+++ /dev/null\n"}, "diff"),
+        ("binary", "apply_patch", {"diff": "diff --git a/train.py b/train.py\nindex 1..2 100644\nGIT binary patch\nliteral 4\nLcmZ?d00001\n"}, "binary"),
+        ("nul-byte", "apply_patch", {"diff": ok.replace("5e-3", "5e-3\x00")}, "binary"),
+        ("huge", "apply_patch", {"diff": ok + "+#" + "x" * 200_000 + "\n"}, "cap"),
+        ("invalid-utf8", "apply_patch", {"diff": ok.replace("5e-3", "5e-3  # \udcff")}, "UTF-8"),
+        ("syntax-error", "apply_patch", {"diff": make_diff(train, "LR = ", "LR = = 4e-3")}, "does not compile"),
+        ("stale-context", "apply_patch", {"diff": ok.replace("-LR = ", "-LR_OLD = ")}, "does not apply"),
+        ("empty-diff", "apply_patch", {"diff": ""}, "empty"),
+        ("not-a-diff", "apply_patch", {"diff": "please make it faster"}, "diff"),
+        ("missing-arg", "apply_patch", {}, "diff"),
+        ("wrong-type", "apply_patch", {"diff": 42}, "diff"),
+        ("unknown-arg-patch", "apply_patch", {"diff": ok, "path": "train.py"}, "path"),
+        ("unknown-arg-read", "read_train", {"agent": "bob"}, "agent"),
+        ("unknown-arg-best", "get_best", {"all": True}, "all"),
+        ("empty-description", "run_experiment", {"description": "   "}, "description"),
+        ("long-description", "run_experiment", {"description": "x" * 501}, "500"),
+        ("unknown-arg-run", "run_experiment", {"description": "x", "budget_s": 1}, "budget_s"),
+        ("start-empty-description", "start_experiment", {"description": ""}, "description"),
+        ("unknown-run", "get_experiment", {"run_id": "alice-9999"}, "no run"),
+        ("other-agents-run", "get_log", {"run_id": "bob-0001"}, "no run"),
+        ("log-lines-range", "get_log", {"run_id": "alice-0001", "lines": 0}, "lines"),
+        ("reset-target", "reset_train", {"to": "yesterday"}, "to"),
+        ("list-status", "list_experiments", {"status": "great"}, "status"),
+        ("list-limit", "list_experiments", {"limit": 100000}, "limit"),
+    ]
+
+
+CASE_IDS = [c[0] for c in bad_cases("LR = 1\n")]
+
+
+@pytest.mark.parametrize("case", CASE_IDS)
+async def test_bad_input_is_rejected_and_changes_nothing(client, case):
+    train = (await client.call_tool("read_train", {})).structured_content["text"]
+    _, tool, args, words = next(c for c in bad_cases(train) if c[0] == case)
+    before = lab_state(client.lab_root)
+    result = await client.call_tool(tool, args)
+    assert result.is_error, f"{case}: accepted {args!r}"
+    message = result.content[0].text
+    assert words.lower() in message.lower(), message
+    assert lab_state(client.lab_root) == before
+
+
+async def test_tools_are_listed_with_schemas_and_manuals(client):
+    tools = {t.name: t for t in (await client.list_tools()).tools}
+    assert set(tools) == {"read_program", "read_train", "apply_patch", "run_experiment", "start_experiment",
+                          "get_experiment", "get_best", "list_experiments", "get_log", "reset_train"}
+    for t in tools.values():
+        assert t.output_schema is not None and len(t.description) > 80, t.name
+        assert t.input_schema.get("additionalProperties") is False
+        for name, prop in t.input_schema.get("properties", {}).items():
+            assert prop.get("description"), f"{t.name}.{name} has no description"
+    assert "val_bpb" in tools["run_experiment"].description
+
+
+async def test_read_patch_reset_and_empty_history(client):
+    program = (await client.call_tool("read_program", {})).structured_content
+    assert program["budget_s"] == pytest.approx(4.0) and program["text"].strip()
+    train = (await client.call_tool("read_train", {})).structured_content
+    patched = await client.call_tool("apply_patch", {"diff": make_diff(train["text"], "LR = ", "LR = 5e-3")})
+    assert not patched.is_error, patched.content[0].text
+    assert patched.structured_content["lines_added"] == 1
+    now = (await client.call_tool("read_train", {})).structured_content
+    assert now["modified"] and "LR = 5e-3" in now["text"] and now["base_commit"] == train["base_commit"]
+    reset = (await client.call_tool("reset_train", {"to": "best"})).structured_content
+    assert reset["commit"] == train["base_commit"]
+    assert (await client.call_tool("read_train", {})).structured_content["text"] == train["text"]
+    assert (await client.call_tool("list_experiments", {})).structured_content == {"runs": [], "total": 0}
+    best = (await client.call_tool("get_best", {})).structured_content
+    assert best == {"agent_best": None, "agent_baseline_val_bpb": None, "lab_best": None}
