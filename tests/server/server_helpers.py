@@ -43,3 +43,30 @@ def lab_state(root: Path, agents: tuple[str, ...] = ("alice",)) -> dict:
         state[f"train:{agent}"] = (wt / "train.py").read_text() if wt.exists() else None
         state[f"status:{agent}"] = git.Repo(wt).git.status("--porcelain") if wt.exists() else None
     return state
+
+
+def stdio_params(root: Path, agent: str):
+    """How the official client starts `autoresearch-mcp serve` over stdio for `agent`."""
+    import sys  # noqa: PLC0415
+
+    from mcp import StdioServerParameters  # noqa: PLC0415
+
+    return StdioServerParameters(
+        command=sys.executable, args=["-m", "server.cli", "serve", "--lab", str(root), "--agent", agent],
+        env={**os.environ, "AUTORESEARCH_LOG_LEVEL": "INFO"}, cwd=str(REPO),
+    )
+
+
+def open_dir(path: Path) -> Path:
+    """pytest makes its temp folders 0700; the container's user must be able to read mounted data."""
+    for p in [path, *path.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return path
+
+
+def ledger_rows(root: Path, agent: str | None = None) -> list:
+    lab = Lab(root)
+    try:
+        return sorted(lab.ledger.runs(agent=agent), key=lambda r: (r.agent, r.seq))
+    finally:
+        lab.close()
