@@ -70,3 +70,18 @@ def ledger_rows(root: Path, agent: str | None = None) -> list:
         return sorted(lab.ledger.runs(agent=agent), key=lambda r: (r.agent, r.seq))
     finally:
         lab.close()
+
+
+async def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.25):
+    """Poll `predicate` until it returns something truthy; fail with `what` after timeout_s."""
+    import time  # noqa: PLC0415
+
+    import anyio  # noqa: PLC0415
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        await anyio.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")

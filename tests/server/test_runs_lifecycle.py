@@ -1,0 +1,118 @@
+"""Runs that do not end normally, and runs of several agents: client cancellation, a server killed
+with SIGKILL mid-run, two agents sharing one CPU slot. Real stdio servers, real containers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import anyio
+import pytest
+from mcp import Client
+from server_helpers import ledger_rows, make_diff, open_dir, stdio_params, wait_until
+
+pytestmark = pytest.mark.anyio
+
+
+def running_container(lab_containers):
+    return lambda: [c for c in lab_containers() if c.status == "running"]
+
+
+async def test_cancelling_a_run_kills_its_container(make_lab, tiny_data, lab_containers):
+    root = make_lab(backend="docker", data_dir=open_dir(tiny_data), budget_s=60)
+    async with Client(stdio_params(root, "alice"), read_timeout_seconds=600) as client:
+        scope = anyio.CancelScope()
+
+        async def run() -> None:
+            with scope:
+                await client.call_tool("run_experiment", {"description": "to be cancelled"})
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await wait_until(running_container(lab_containers), 60, "the run's container")
+            scope.cancel()
+        await wait_until(lambda: [r.status for r in ledger_rows(root)] == ["cancelled"], 30, "status cancelled")
+        await wait_until(lambda: lab_containers() == [], 30, "the container to be removed")
+        # the agent's lock is free again: it can patch and list
+        text = (await client.call_tool("read_train", {})).structured_content["text"]
+        result = await client.call_tool("apply_patch", {"diff": make_diff(text, "LR = ", "LR = 5e-3")})
+        assert not result.is_error, result.content[0].text
+        listed = (await client.call_tool("list_experiments", {})).structured_content
+        assert [r["status"] for r in listed["runs"]] == ["cancelled"] and listed["runs"][0]["commit"] is None
+
+
+async def test_server_killed_mid_run_is_recovered_at_restart(make_lab, tiny_data, lab_containers):
+    root = make_lab(backend="docker", data_dir=open_dir(tiny_data), budget_s=60)
+
+    async def doomed_session() -> None:
+        try:
+            async with Client(stdio_params(root, "alice"), read_timeout_seconds=600) as client:
+                await client.call_tool("run_experiment", {"description": "the server dies during this"})
+        except BaseException:  # noqa: BLE001 - the server is killed under the call; any way out is fine
+            pass
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(doomed_session)
+        await wait_until(running_container(lab_containers), 60, "the run's container")
+        [row] = ledger_rows(root)
+        assert row.status == "running"
+        os.kill(row.owner_pid, signal.SIGKILL)
+        await wait_until(lambda: not os.path.exists(f"/proc/{row.owner_pid}"), 10, "the server to die")
+        tg.cancel_scope.cancel()
+    assert running_container(lab_containers)(), "the orphaned container should outlive its server"
+
+    async with Client(stdio_params(root, "alice"), read_timeout_seconds=600) as client:
+        assert lab_containers() == []  # reaped at start-up, before the first request is served
+        listed = (await client.call_tool("list_experiments", {})).structured_content
+        assert [(r["run_id"], r["status"]) for r in listed["runs"]] == [(row.run_id, "interrupted")]
+        await _shrink_budget(client, root)
+        result = await client.call_tool("run_experiment", {"description": "after the restart"})
+        assert not result.is_error, result.content[0].text
+        assert result.structured_content["status"] == "ok" and result.structured_content["kept"]
+    rows = ledger_rows(root)
+    assert [(r.status, r.kept) for r in rows] == [("interrupted", False), ("ok", True)]
+
+
+async def _shrink_budget(client: Client, root) -> None:
+    """The killed run used a long budget; the next one only needs a short one."""
+    toml = root / "repo" / "program.toml"
+    toml.write_text(toml.read_text().replace("budget_s = 60.0", "budget_s = 4.0"))
+
+
+async def test_two_agents_share_one_cpu_slot(make_lab, tiny_data, lab_containers):
+    root = make_lab(backend="docker", data_dir=open_dir(tiny_data))
+    async with Client(stdio_params(root, "alice"), read_timeout_seconds=600) as alice, \
+            Client(stdio_params(root, "bob"), read_timeout_seconds=600) as bob:
+        original = (await bob.call_tool("read_train", {})).structured_content["text"]
+        text = (await alice.call_tool("read_train", {})).structured_content["text"]
+        await alice.call_tool("apply_patch", {"diff": make_diff(text, "LR = ", "LR = 5e-3  # alice's idea")})
+        assert (await bob.call_tool("read_train", {})).structured_content["text"] == original
+        results = {}
+
+        async def run(name: str, client: Client) -> None:
+            result = await client.call_tool("run_experiment", {"description": f"{name}'s run"})
+            assert not result.is_error, result.content[0].text
+            results[name] = result.structured_content
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, "alice", alice)
+            tg.start_soon(run, "bob", bob)
+        assert {r["status"] for r in results.values()} == {"ok"}
+        assert "alice's idea" not in (await bob.call_tool("read_train", {})).structured_content["text"]
+        assert "alice's idea" in (await alice.call_tool("read_train", {})).structured_content["text"]
+        bob_runs = (await bob.call_tool("list_experiments", {})).structured_content["runs"]
+        assert [r["run_id"] for r in bob_runs] == [results["bob"]["run_id"]]  # only its own runs
+    rows = ledger_rows(root)
+    assert [(r.agent, r.status, r.kept) for r in rows] == [("alice", "ok", True), ("bob", "ok", True)]
+    windows = sorted(_training_window(root, r.run_id) for r in rows)
+    assert windows[0][1] < windows[1][0], f"runs overlapped: {windows}"
+    for agent in ("alice", "bob"):
+        assert len((root / "results" / f"{agent}.tsv").read_text().splitlines()) == 2
+
+
+def _training_window(root, run_id: str) -> tuple[float, float]:
+    """First and last timestamp the harness wrote to the run's progress.jsonl."""
+    lines = (root / "runs" / run_id / "out" / "progress.jsonl").read_text().splitlines()
+    times = [json.loads(ln)["t"] for ln in lines if ln.strip()]
+    return min(times), max(times)
