@@ -1,0 +1,83 @@
+"""Streamable HTTP: bearer tokens from a tokens file; no or wrong token → 401; two tokens → two
+agents with their own train.py, on one server and one lab."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import httpx
+import httpx2
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from server_helpers import REPO, make_diff, wait_until
+
+pytestmark = pytest.mark.anyio
+
+TOKENS = {"alice-token-0123456789abcdef": "alice", "bob-token-0123456789abcdef": "bob"}
+INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+async def http_server(make_lab, tiny_data, tmp_path):
+    root = make_lab(data_dir=tiny_data)
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps(TOKENS))
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--lab", str(root), "--transport", "http",
+         "--port", str(port), "--tokens", str(tokens)], cwd=REPO, env=dict(os.environ),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def listening() -> bool:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    try:
+        await wait_until(listening, 30, "the HTTP server to listen")
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def agent_client(url: str, token: str) -> Client:
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    return Client(streamable_http_client(url, http_client=http))
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-token-0123456789abcdef"},
+                                     {"Authorization": "Basic YWxpY2U6cHc="}, {"Authorization": "Bearer short"}],
+                         ids=["no-token", "wrong-token", "basic-auth", "short-token"])
+async def test_requests_without_a_valid_token_get_401(http_server, headers):
+    async with httpx.AsyncClient() as h:
+        r = await h.post(http_server, json=INIT, headers={**headers, "Accept": "application/json, text/event-stream"})
+    assert r.status_code == 401
+    assert "Bearer" in r.headers.get("www-authenticate", "")
+
+
+async def test_two_tokens_are_two_agents(http_server):
+    async with agent_client(http_server, "alice-token-0123456789abcdef") as alice, \
+            agent_client(http_server, "bob-token-0123456789abcdef") as bob:
+        a = (await alice.call_tool("read_train", {})).structured_content
+        b = (await bob.call_tool("read_train", {})).structured_content
+        assert (a["agent"], b["agent"]) == ("alice", "bob") and a["text"] == b["text"]
+        patched = await alice.call_tool("apply_patch", {"diff": make_diff(a["text"], "LR = ", "LR = 5e-3")})
+        assert not patched.is_error, patched.content[0].text
+        assert "LR = 5e-3" in (await alice.call_tool("read_train", {})).structured_content["text"]
+        assert (await bob.call_tool("read_train", {})).structured_content["text"] == b["text"]
+        # an agent named in a request cannot override the token's identity
+        sneaky = await bob.call_tool("read_train", {"agent": "alice"})
+        assert sneaky.is_error
