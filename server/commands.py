@@ -16,14 +16,17 @@ logger = log.get("cli")
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.app import build_server  # noqa: PLC0415
+    from server.lab import Lab  # noqa: PLC0415
 
     if args.transport == "stdio":
         if not args.agent:
             raise InvalidArgumentError("stdio needs an agent name: --agent NAME or AUTORESEARCH_AGENT=NAME")
+        Lab(args.lab).close()  # a missing lab fails here, clearly, not inside the protocol loop
         build_server(args.lab, stdio_agent=args.agent).run("stdio")
         return 0
     if args.tokens is None:
         raise InvalidArgumentError("http needs --tokens FILE mapping each bearer token to an agent name")
+    Lab(args.lab).close()
     import uvicorn  # noqa: PLC0415
 
     url = f"http://{args.host}:{args.port}"

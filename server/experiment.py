@@ -20,7 +20,7 @@ from typing import Any
 from sandbox.models import Mount, RunOutcome, RunSpec
 
 from server import log
-from server.errors import InvalidArgumentError
+from server.errors import InvalidArgumentError, LabStateError
 from server.lab import Lab, check_agent, write_results_row
 from server.models import ExperimentResult, RunRecord
 
@@ -87,6 +87,11 @@ class Experiments:
         """Take the agent's lock, write the ledger row (`queued`) and snapshot train.py."""
         check_agent(agent)
         description = check_description(description)
+        if not (self.lab.data_dir / "meta.json").is_file():
+            raise LabStateError(
+                f"no prepared data in {self.lab.data_dir}; the lab's owner must run "
+                f"`autoresearch-mcp prepare {self.lab.config.program} --lab {self.lab.root}`"
+            )
         await self.lab.ensure_agent(agent)
         stack = contextlib.ExitStack()
         stack.enter_context(self.lab.agent_lock(agent))
@@ -170,10 +175,6 @@ class Experiments:
     def _spec(self, pending: Pending, gpu: str | None) -> RunSpec:
         run_dir, out, log_path = self._prepare_run_dir(pending)
         program = self.lab.program()
-        if not self.lab.data_dir.is_dir():
-            raise InvalidArgumentError(
-                f"no prepared data at {self.lab.data_dir}; run `autoresearch-mcp prepare {self.lab.config.program} --lab {self.lab.root}`"
-            )
         env = base_env()
         return RunSpec(
             run_id=pending.record.run_id, image=self.image, command=list(COMMAND),

@@ -8,6 +8,7 @@ learning rate after it is reliably worse.
 
 from __future__ import annotations
 
+import anyio
 import git
 import pytest
 from mcp import Client
@@ -62,7 +63,9 @@ async def test_experiment_loop_over_stdio(make_lab, tiny_data, lab_containers):
         assert (await call(client, "read_train"))["base_commit"] == good["commit"]  # back to the best
 
         await patch(client, "cfg = trainer.program()", f"cfg = trainer.program(); raise RuntimeError({CRASH_MARK!r})")
-        crash = await call(client, "run_experiment", {"description": "crashes on purpose"})
+        started = await call(client, "start_experiment", {"description": "crashes on purpose"})
+        state = await wait_for_finish(client, started["run_id"])
+        crash = state["result"]
         assert crash["status"] == "crash" and crash["decision"] == "crash" and not crash["kept"]
         assert CRASH_MARK in crash["log_tail"] and "Traceback" in crash["log_tail"]
         log = await call(client, "get_log", {"run_id": crash["run_id"], "lines": 50})
@@ -76,6 +79,20 @@ async def test_experiment_loop_over_stdio(make_lab, tiny_data, lab_containers):
         assert [r["run_id"] for r in listed["runs"]] == [good["run_id"], base["run_id"]]
     assert lab_containers() == []
     check_books_agree(root, "alice", [base, good, bad, crash])
+
+
+async def wait_for_finish(client: Client, run_id: str) -> dict:
+    """Poll get_experiment like a client with short call limits would."""
+    seen = []
+    for _ in range(600):
+        state = await call(client, "get_experiment", {"run_id": run_id})
+        seen.append(state["result"]["status"])
+        if state["finished"]:
+            assert set(seen) <= {"queued", "running", state["result"]["status"]}, seen
+            return state
+        assert state["progress"], state
+        await anyio.sleep(0.5)
+    raise AssertionError(f"{run_id} did not finish: {seen[-5:]}")
 
 
 def check_books_agree(root, agent: str, results: list[dict]) -> None:

@@ -99,3 +99,13 @@ async def test_read_patch_reset_and_empty_history(client):
     assert (await client.call_tool("list_experiments", {})).structured_content == {"runs": [], "total": 0}
     best = (await client.call_tool("get_best", {})).structured_content
     assert best == {"agent_best": None, "agent_baseline_val_bpb": None, "lab_best": None}
+
+
+async def test_runs_need_prepared_data_and_leave_no_row_without_it(make_lab):
+    root = make_lab(name="nodata")
+    async with Client(build_server(root, stdio_agent="alice")) as c:
+        before = lab_state(root)
+        for tool in ("run_experiment", "start_experiment"):
+            result = await c.call_tool(tool, {"description": "baseline"})
+            assert result.is_error and "autoresearch-mcp prepare" in result.content[0].text
+        assert lab_state(root) == before

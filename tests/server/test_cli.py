@@ -1,0 +1,52 @@
+"""The `autoresearch-mcp` command line as `make demo` uses it: prepare (in the sandbox image), doctor,
+one experiment from the shell, report. Real Docker, real git."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from server_helpers import PROGRAM, REPO
+
+
+def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_prepare_doctor_run_report(tmp_path, docker_client, lab_containers):
+    lab = tmp_path / "lab"
+    done = cli("prepare", PROGRAM, "--lab", str(lab), "--budget-s", "4", "--max-bytes", "3000000")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((lab / "data" / "meta.json").read_text())
+    assert json.loads((lab / "lab.json").read_text())["backend"]["type"] == "docker"
+
+    doctor = cli("doctor", "--lab", str(lab))
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert "[ok ] prepared data" in doctor.stdout and "[ok ] sandbox image" in doctor.stdout
+
+    run = cli("run", "--lab", str(lab), "--agent", "demo", "--description", "baseline")
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["status"] == "ok" and result["kept"] and result["val_bpb"] > 0
+    assert "running" in run.stderr  # progress lines on stderr, the result alone on stdout
+
+    report = cli("report", "--lab", str(lab))
+    assert report.returncode == 0, report.stderr
+    assert "commit\tval_bpb\tmemory_gb\tstatus\tdescription" in report.stdout
+    assert result["commit"][:7] in report.stdout
+    assert (lab / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert lab_containers() == []
+
+
+def test_doctor_and_serve_say_what_is_missing(tmp_path):
+    doctor = cli("doctor", "--lab", str(tmp_path / "nowhere"))
+    assert doctor.returncode == 1
+    assert "fix: autoresearch-mcp prepare" in doctor.stdout
+    serve = cli("serve", "--lab", str(tmp_path / "nowhere"), timeout=60)
+    assert serve.returncode == 2 and "--agent" in serve.stderr
+    http = cli("serve", "--lab", str(tmp_path / "nowhere"), "--transport", "http", timeout=60)
+    assert http.returncode == 2 and "--tokens" in http.stderr
+    prepare = cli("prepare", "no-such-program", "--lab", str(tmp_path / "x"), timeout=60)
+    assert prepare.returncode == 2 and "bundled programs" in prepare.stderr
