@@ -197,6 +197,8 @@ def submit(model, attention: list[tuple[int, int]] | None = None) -> None:
     run = _run()
     if run.model is not None:
         raise SubmitError("trainer.submit() was already called: submit the model once")
-    if not callable(model):
-        raise SubmitError(f"trainer.submit() needs the model (a callable nn.Module), got {type(model).__name__}")
+    import torch
+
+    if not isinstance(model, torch.nn.Module):  # a module can later be exported and scored elsewhere
+        raise SubmitError(f"trainer.submit() needs the model as a torch.nn.Module, got {type(model).__name__}")
     run.model, run.attention, run.submitted_at = model, attention, time.monotonic()

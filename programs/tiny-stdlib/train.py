@@ -24,10 +24,10 @@ DEPTH = 3               # transformer blocks
 MODEL_DIM = 128         # residual stream width
 N_HEAD = 4              # attention heads (head_dim = MODEL_DIM // N_HEAD)
 MLP_RATIO = 4           # MLP hidden = MLP_RATIO * MODEL_DIM
-BATCH_SIZE = 16         # rows per step; tokens per step = BATCH_SIZE * SEQ_LEN
+BATCH_SIZE = 8          # rows per step; tokens per step = BATCH_SIZE * SEQ_LEN
 SEQ_LEN = cfg.seq_len   # train at the evaluation length
-LR = 4e-3               # AdamW peak learning rate
-EMBED_LR = 1e-2         # embeddings like a higher rate (sparse gradients)
+LR = 8e-3               # AdamW peak learning rate
+EMBED_LR = 3e-2         # embeddings like a higher rate (sparse gradients)
 WEIGHT_DECAY = 0.0
 WARMUP_FRAC = 0.02      # linear warm-up, as a fraction of the time budget
 WARMDOWN_FRAC = 0.5     # linear decay to zero over the last half of the budget

@@ -1,0 +1,95 @@
+"""evaluate_bpb against a hand computation, and the unigram baseline against the model path."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.baseline import unigram_bpb, unigram_logprobs
+from trainer.config import load_program
+from trainer.evaluate import EvaluationError, eval_rows_numpy, evaluate_bpb, evaluate_program
+from trainer_testlib import TINY_TOML
+
+# vocab of 5: ids 0-3 are text tokens of 1, 2, 3 and 1 bytes; id 4 is a special token (0 bytes)
+TOKEN_BYTES = [1, 2, 3, 1, 0]
+TABLE = [  # logits given the previous token (a bigram model)
+    [2.0, 0.5, -1.0, 0.0, 0.3],
+    [0.1, 0.2, 0.3, 0.4, 0.5],
+    [-2.0, 1.0, 0.0, 3.0, -1.0],
+    [1.5, -0.5, 0.25, 0.0, 0.0],
+    [0.0, 1.0, 2.0, 3.0, 4.0],
+]
+ROWS = [[4, 0, 1, 2, 4, 3, 0], [4, 3, 3, 2, 1, 4, 2]]
+
+
+class Bigram(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.tensor(TABLE))
+
+    def forward(self, x):
+        return self.table[x]
+
+
+def by_hand() -> float:
+    nats = nbytes = 0.0
+    for row in ROWS:
+        for prev, target in zip(row[:-1], row[1:]):
+            if TOKEN_BYTES[target] == 0:
+                continue  # special tokens are excluded from both sums
+            logits = TABLE[prev]
+            log_z = math.log(sum(math.exp(v) for v in logits))
+            nats += log_z - logits[target]
+            nbytes += TOKEN_BYTES[target]
+    return nats / (math.log(2) * nbytes)
+
+
+def test_bpb_matches_hand_computation():
+    rows = [torch.tensor([r]) for r in ROWS]  # two batches of one row
+    got = evaluate_bpb(Bigram(), rows, torch.tensor(TOKEN_BYTES))
+    assert got == pytest.approx(by_hand(), rel=1e-6)
+    batched = evaluate_bpb(Bigram(), [torch.tensor(ROWS)], torch.tensor(TOKEN_BYTES))
+    assert batched == pytest.approx(by_hand(), rel=1e-6)
+
+
+def test_unigram_matches_hand_computation():
+    counts = np.array([3, 0, 1, 5, 7])
+    targets = np.array([[0, 1, 4], [3, 3, 2]])
+    # add-one over text tokens only: (4, 1, 2, 6) / 13
+    p = {0: 4 / 13, 1: 1 / 13, 2: 2 / 13, 3: 6 / 13}
+    want = -sum(math.log(p[t]) for t in [0, 1, 3, 3, 2]) / (math.log(2) * (1 + 2 + 1 + 1 + 3))
+    assert unigram_bpb(counts, np.array(TOKEN_BYTES), targets) == pytest.approx(want, rel=1e-12)
+
+
+def test_wrong_logits_shape_is_an_evaluation_error():
+    class Bad(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros(x.shape[0], x.shape[1], 7)
+
+    with pytest.raises(EvaluationError, match="expected"):
+        evaluate_bpb(Bad(), [torch.tensor(ROWS)], torch.tensor(TOKEN_BYTES))
+
+
+def test_model_path_and_numpy_baseline_agree(tiny_data):
+    """A model that outputs the unigram log-probabilities scores exactly the unigram baseline."""
+    program = load_program(TINY_TOML)
+    counts = np.load(tiny_data / "train_counts.npy")
+    token_bytes = np.load(tiny_data / "token_bytes.npy")
+    logp = torch.tensor(np.maximum(unigram_logprobs(counts, token_bytes), -1e4), dtype=torch.float32)
+
+    class Unigram(torch.nn.Module):
+        def forward(self, x):
+            return logp.expand(*x.shape, -1)
+
+    scores = evaluate_program(Unigram(), tiny_data, program, torch.device("cpu"))
+    assert scores["val_bpb"] == pytest.approx(scores["unigram_bpb"], rel=1e-5)
+    assert scores["eval_tokens"] == program.eval_tokens
+    assert 2.0 < scores["unigram_bpb"] < 6.0
+
+
+def test_eval_rows_are_fixed(tiny_data):
+    program = load_program(TINY_TOML)
+    a, b = eval_rows_numpy(tiny_data, program), eval_rows_numpy(tiny_data, program)
+    assert len(a) == program.eval_tokens // (program.eval_batch_size * program.seq_len)
+    assert all((x == y).all() for x, y in zip(a, b))

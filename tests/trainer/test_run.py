@@ -1,0 +1,173 @@
+"""The harness: the tiny program learns and beats unigram; every way train.py fails is a crash result."""
+
+import json
+import subprocess
+import textwrap
+
+import pytest
+
+from trainer import run as harness
+from trainer_testlib import PROGRAMS, PYTHON, REPO, TINY_TOML, derive_program
+
+RESULT_KEYS = {"status", "reason", "val_bpb", "training_seconds", "total_seconds", "startup_seconds",
+               "eval_seconds", "peak_memory_mb", "mfu_percent", "total_tokens", "num_steps",
+               "num_params", "traceback_tail"}
+
+MINI = """
+import torch
+import trainer
+
+cfg = trainer.program()
+model = torch.nn.Sequential(torch.nn.Embedding(cfg.vocab_size, 8), torch.nn.Linear(8, cfg.vocab_size))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+loader = trainer.train_loader(4)
+step = 0
+while True:
+    x, y = next(loader)
+    loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    loss.backward(); opt.step(); opt.zero_grad()
+    step += 1
+{body}
+"""
+
+
+def mini(body: str) -> str:
+    return MINI.format(body=textwrap.indent(textwrap.dedent(body), "    "))
+
+
+def run_in_process(tmp_path, tiny_data, source: str, **overrides):
+    program = derive_program(TINY_TOML, tmp_path / "program.toml",
+                             **{"budget_s": 3, "untimed_steps": 1, "grace_s": 2, **overrides})
+    train = tmp_path / "train.py"
+    train.write_text(source)
+    out = tmp_path / "out"
+    result = harness.execute(program, train, tiny_data, out)
+    assert json.loads((out / "result.json").read_text()) == result
+    assert set(result) >= RESULT_KEYS
+    return result, out
+
+
+def phases(out):
+    return [json.loads(line)["phase"] for line in (out / "progress.jsonl").read_text().splitlines()]
+
+
+def test_tiny_program_learns_and_beats_unigram(tmp_path, tiny_data):
+    program = derive_program(TINY_TOML, tmp_path / "program.toml", budget_s=20)
+    out = tmp_path / "out"
+    proc = subprocess.run([PYTHON, "-m", "trainer.run", "--program", str(program), "--train",
+                           str(PROGRAMS / "tiny-stdlib" / "train.py"), "--data", str(tiny_data),
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert set(result) >= RESULT_KEYS and result["status"] == "ok" and result["reason"] is None
+    print(f"tiny-stdlib 20 s: val_bpb {result['val_bpb']:.4f}, unigram {result['unigram_bpb']:.4f}, "
+          f"{result['num_steps']} steps")
+    assert result["val_bpb"] < 0.8 * result["unigram_bpb"]  # clearly learned, not just frequencies
+    assert 19.5 <= result["training_seconds"] <= 24 and result["num_steps"] > 20
+    assert result["total_tokens"] > 0 and result["num_params"] > 100_000
+    assert result["mfu_percent"] is None  # no known GPU
+    block = proc.stdout[proc.stdout.rindex("---"):]
+    assert f"val_bpb:          {result['val_bpb']:.6f}" in block and "unigram_bpb:" in block
+    lines = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
+    train = [line for line in lines if line["phase"] == "train"]
+    assert phases(out)[0] == "startup" and phases(out)[-2:] == ["eval", "done"]
+    assert {"step", "loss", "tokens_per_s", "remaining_s", "t"} <= set(train[-1])
+    assert train[-1]["loss"] < train[0]["loss"]
+
+
+def test_raising_train_py_is_a_crash_with_reason_and_traceback(tmp_path, tiny_data):
+    result, out = run_in_process(tmp_path, tiny_data, mini("""
+        if step == 3:
+            raise RuntimeError("boom at step three")
+        trainer.step(loss)
+    """))
+    assert result["status"] == "crash" and result["val_bpb"] is None
+    assert result["reason"] == "RuntimeError: boom at step three"
+    assert "train.py" in result["traceback_tail"] and "boom at step three" in result["traceback_tail"]
+    assert result["num_steps"] == 2 and phases(out)[-1] == "done"
+
+
+@pytest.mark.parametrize("bad", ["float('nan')", "float('inf')", "1e6"])
+def test_nan_or_exploding_loss_stops_the_run_quickly(tmp_path, tiny_data, bad):
+    result, _ = run_in_process(tmp_path, tiny_data, mini(f"""
+        if not trainer.step(loss if step < 4 else torch.tensor({bad})):
+            break
+    """) + "trainer.submit(model)\n", budget_s=60)
+    assert result["status"] == "crash" and "training diverged" in result["reason"]
+    assert "at step 4" in result["reason"] and result["total_seconds"] < 30
+    assert result["num_steps"] == 4
+
+
+def test_swallowing_the_divergence_does_not_help(tmp_path, tiny_data):
+    result, _ = run_in_process(tmp_path, tiny_data, mini("""
+        try:
+            ok = trainer.step(torch.tensor(float('nan')) if step == 2 else loss)
+        except ArithmeticError:
+            ok = False
+        if not ok:
+            break
+    """) + "trainer.submit(model)\n")
+    assert result["status"] == "crash" and "loss is nan at step 2" in result["reason"]
+
+
+def test_missing_submit_is_a_crash(tmp_path, tiny_data):
+    result, _ = run_in_process(tmp_path, tiny_data, mini("""
+        if not trainer.step(loss):
+            break
+    """))
+    assert result["status"] == "crash" and "without calling trainer.submit" in result["reason"]
+
+
+def test_training_past_the_budget_is_a_crash(tmp_path, tiny_data):
+    result, _ = run_in_process(tmp_path, tiny_data, mini("""
+        trainer.step(loss)  # ignores the False that says the budget is spent
+    """), budget_s=1, grace_s=1)
+    assert result["status"] == "crash" and "past its budget" in result["reason"]
+
+
+def test_wrong_model_output_is_a_crash(tmp_path, tiny_data):
+    result, _ = run_in_process(tmp_path, tiny_data, mini("""
+        if not trainer.step(loss):
+            break
+    """) + "trainer.submit(torch.nn.Identity())\n", budget_s=1)
+    assert result["status"] == "crash" and result["reason"].startswith("evaluation failed")
+    assert "expected (batch, seq_len, vocab_size)" in result["reason"]
+
+
+def test_submitting_something_else_than_a_module_is_a_crash(tmp_path, tiny_data):
+    result, _ = run_in_process(tmp_path, tiny_data, mini("""
+        if not trainer.step(loss):
+            break
+    """) + "trainer.submit(lambda x: model(x))\n", budget_s=1)
+    assert result["status"] == "crash" and "SubmitError" in result["reason"]
+    assert "torch.nn.Module" in result["reason"]
+
+
+def test_ok_run_in_process_and_exit_codes(tmp_path, tiny_data):
+    source = mini("""
+        if not trainer.step(loss):
+            break
+    """) + "trainer.submit(model)\n"
+    result, _ = run_in_process(tmp_path, tiny_data, source, budget_s=1)
+    assert result["status"] == "ok" and 0 < result["val_bpb"] < 20
+    crash = tmp_path / "crash.py"
+    crash.write_text("import sys\nsys.exit(3)\n")
+    proc = subprocess.run([PYTHON, "-m", "trainer.run", "--program", str(TINY_TOML), "--train",
+                           str(crash), "--data", str(tiny_data), "--out", str(tmp_path / "o2")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "reason:           train.py exited with status 3" in proc.stdout
+
+
+def test_missing_data_or_program_is_a_crash_result(tmp_path, tiny_data):
+    train = tmp_path / "train.py"
+    train.write_text("import trainer\n")
+    result = harness.execute(tmp_path / "nope.toml", train, tiny_data, tmp_path / "o1")
+    assert result["status"] == "crash" and "file not found" in result["reason"]
+    result = harness.execute(TINY_TOML, train, tmp_path / "empty", tmp_path / "o2")
+    assert result["status"] == "crash" and "no prepared data" in result["reason"]
+
+
+def test_train_py_outside_the_harness_says_how_to_run_it():
+    proc = subprocess.run([PYTHON, str(PROGRAMS / "tiny-stdlib" / "train.py")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "python -m trainer.run" in proc.stderr
