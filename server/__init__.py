@@ -1,0 +1,1 @@
+"""The MCP server, the lab (git, ledger, results) and the `autoresearch-mcp` CLI."""

@@ -16,6 +16,9 @@ import os
 import sys
 from pathlib import Path
 
+from sandbox.errors import SandboxError
+from trainer.config import TrainerError
+
 from server import log
 from server.errors import LabError
 
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = handler(args)
         return int(asyncio.run(result) if asyncio.iscoroutine(result) else result or 0)
-    except LabError as e:
+    except (LabError, SandboxError, TrainerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,6 +15,8 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import ConfigDict, Field
 
+from sandbox.errors import SandboxError
+
 from server.errors import LabError
 from server.experiment import to_result
 from server.models import (
@@ -43,7 +45,8 @@ def state(ctx: Context) -> Any:
 
 
 def lab_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-    """Report LabError as a ToolError: the agent sees the message and can act on it."""
+    """Report our own errors as a ToolError, so the agent sees the message: LabError (something it
+    can fix) and SandboxError (the host is broken: it should stop and tell its human)."""
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
@@ -51,6 +54,8 @@ def lab_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
             return await fn(*args, **kwargs)
         except LabError as e:
             raise ToolError(str(e)) from e
+        except SandboxError as e:
+            raise ToolError(f"the sandbox failed (not your code's fault; tell the lab's owner): {e}") from e
 
     return wrapper
 

@@ -6,7 +6,6 @@ Docker tests fail, never skip, when the engine or the image is missing.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 
 from server_helpers import IMAGE, PROGRAM, REPO, TEST_BUDGET_S
 
-from server.lab import Lab, create_lab, program_dir
+from server.lab import create_lab, program_dir
 
 
 @pytest.fixture
@@ -45,8 +44,7 @@ def slots_dir(tmp_path) -> Path:
 
 @pytest.fixture
 def make_lab(tmp_path, slots_dir):
-    """Create a lab from tiny-stdlib; options become LabConfig fields."""
-    opened: list[Lab] = []
+    """Create a lab from tiny-stdlib (budget shrunk to seconds); options become LabConfig fields."""
 
     def make(name: str = "lab", backend: str = "local", budget_s: float = TEST_BUDGET_S, data_dir: Path | None = None,
              **config) -> Path:
@@ -57,9 +55,7 @@ def make_lab(tmp_path, slots_dir):
                    pool={"state_dir": str(slots_dir), "gpus": [], "cpu_slots": 1}, **config)
         return root
 
-    yield make
-    for lab in opened:
-        lab.close()
+    return make
 
 
 @pytest.fixture(scope="session")

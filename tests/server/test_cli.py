@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from server_helpers import PROGRAM, REPO
 
 
@@ -15,6 +16,7 @@ def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+@pytest.mark.docker
 def test_prepare_doctor_run_report(tmp_path, docker_client, lab_containers):
     lab = tmp_path / "lab"
     done = cli("prepare", PROGRAM, "--lab", str(lab), "--budget-s", "4", "--max-bytes", "3000000")

@@ -16,7 +16,7 @@ from server_helpers import ledger_rows, make_diff, open_dir, stdio_params
 
 from server.lab import read_results
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.docker]
 
 CRASH_MARK = "boom: injected by the e2e test"
 

@@ -12,7 +12,7 @@ import pytest
 from mcp import Client
 from server_helpers import ledger_rows, make_diff, open_dir, stdio_params, wait_until
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.docker]
 
 
 def running_container(lab_containers):
