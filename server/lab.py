@@ -200,8 +200,8 @@ class Lab:
     async def apply_patch(self, agent: str, diff: str) -> PatchResult:
         """Check a diff from every side, then write train.py; a rejected diff changes nothing."""
         await self.ensure_agent(agent)
-        new_text, added, removed = await self._checked_patch(agent, diff)
-        with self.agent_lock(agent):
+        with self.agent_lock(agent):  # checked and written against the same train.py
+            new_text, added, removed = await self._checked_patch(agent, diff)
             await self.git(self.history.write_train, agent, new_text)
             stat = await self.git(self.history.diffstat, agent)
         logger.info("patch_applied", agent=agent, added=added, removed=removed)
