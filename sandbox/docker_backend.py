@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -67,6 +68,7 @@ class DockerBackend(Backend):
         for m in spec.mounts:
             if not m.source.exists():
                 raise SpecError(f"mount source {m.source} (for {m.target}) does not exist")
+            _refuse_sockets(m.source)
         spec.output_dir.mkdir(parents=True, exist_ok=True)
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         uid, gid = (int(x) for x in self.user.split(":"))
@@ -201,6 +203,20 @@ class DockerBackend(Backend):
 
 
 # -- blocking helpers (run on worker threads) ------------------------------------------------------
+
+DOCKER_SOCKETS = (Path("/var/run/docker.sock"), Path("/run/docker.sock"))
+
+
+def _refuse_sockets(source: Path) -> None:
+    """Never hand a run a unix socket, least of all the engine's (that is root on the host)."""
+    real = source.resolve()
+    if stat.S_ISSOCK(real.stat().st_mode):
+        raise SpecError(f"mount source {source} is a socket; sockets are never mounted into a run")
+    for sock in DOCKER_SOCKETS:
+        sock = sock.resolve()
+        if real.is_dir() and (real == sock.parent or real in sock.parents):
+            raise SpecError(f"mount source {source} contains the docker socket {sock}; refused")
+
 
 
 def _hand_over(path: Path, uid: int, gid: int) -> None:

@@ -1,0 +1,160 @@
+"""Deadline and outcome behaviour, the same for the docker and the local backend."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from tests.sandbox.conftest import pid_alive
+
+pytestmark = pytest.mark.anyio
+
+KILL_SLACK_S = 2.0  # the issue's bound: killed within 2 s of the deadline
+
+
+async def test_normal_run_returns_ok_with_result_log_and_progress(backend, make_spec):
+    spec = make_spec("""
+        import json, sys, time
+        out = sys.argv[1]
+        print("hello from the run")
+        with open(f"{out}/progress.jsonl", "a") as f:
+            for step in range(3):
+                f.write(json.dumps({"phase": "train", "step": step, "loss": 3.0 - step}) + "\\n")
+                f.flush()
+                time.sleep(0.3)
+            f.write('not json\\n[1, 2]\\n')  # garbage lines are skipped, not fatal
+        json.dump({"status": "ok", "val_bpb": 1.25}, open(f"{out}/result.json", "w"))
+        print("bye", file=sys.stderr)
+    """)
+    seen: list[dict] = []
+    outcome = await backend.run(spec, on_progress=seen.append)
+    assert outcome.status == "ok", outcome
+    assert outcome.exit_code == 0
+    assert outcome.result == {"status": "ok", "val_bpb": 1.25}
+    log = spec.log_path.read_text()
+    assert "hello from the run" in log and "bye" in log
+    assert "bye" in outcome.log_tail
+    assert [p["step"] for p in seen] == [0, 1, 2]
+    assert not outcome.log_truncated
+
+
+async def test_crash_reports_exit_code_and_traceback(backend, make_spec):
+    spec = make_spec("""
+        import sys
+        print("about to fail")
+        raise SystemExit(3)
+    """)
+    outcome = await backend.run(spec)
+    assert outcome.status == "crash"
+    assert outcome.exit_code == 3
+    assert outcome.result is None
+    assert "about to fail" in outcome.log_tail
+
+
+async def test_sleep_forever_is_killed_at_the_deadline(backend, make_spec, request):
+    spec = make_spec("""
+        import time
+        print("sleeping", flush=True)
+        time.sleep(10_000)
+    """, deadline_s=3)
+    t0 = time.monotonic()
+    outcome = await backend.run(spec)
+    elapsed = time.monotonic() - t0
+    assert outcome.status == "timeout"
+    assert outcome.exit_code is None
+    assert spec.deadline_s <= outcome.wall_s <= spec.deadline_s + KILL_SLACK_S
+    assert elapsed <= spec.deadline_s + KILL_SLACK_S + 2.0  # incl. container start and removal
+    assert "sleeping" in outcome.log_tail
+    if backend.name == "docker":
+        assert request.getfixturevalue("no_leftovers")(spec.run_id) == []
+
+
+async def test_sigterm_ignoring_parent_with_forked_children_is_killed(backend, make_spec, request):
+    spec = make_spec("""
+        import os, signal, sys, time
+        out = sys.argv[1]
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        kids = []
+        for _ in range(3):
+            pid = os.fork()
+            if pid == 0:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                while True:
+                    time.sleep(0.1)
+            kids.append(pid)
+        with open(f"{out}/pids.txt", "w") as f:
+            f.write(" ".join(str(p) for p in [os.getpid(), *kids]))
+        print("forked", kids, flush=True)
+        while True:
+            time.sleep(0.1)
+    """, deadline_s=3)
+    outcome = await backend.run(spec)
+    assert outcome.status == "timeout"
+    assert outcome.wall_s <= spec.deadline_s + KILL_SLACK_S
+    assert "forked" in outcome.log_tail
+    pids = [int(p) for p in (spec.output_dir / "pids.txt").read_text().split()]
+    assert len(pids) == 4
+    if backend.name == "docker":
+        assert request.getfixturevalue("no_leftovers")(spec.run_id) == []
+    else:
+        await asyncio.sleep(0.2)
+        assert [p for p in pids if pid_alive(p)] == []
+
+
+async def test_cancelling_the_task_kills_the_run_then_reraises(backend, make_spec, request):
+    spec = make_spec("""
+        import json, os, sys, time
+        out = sys.argv[1]
+        open(f"{out}/pid.txt", "w").write(str(os.getpid()))
+        with open(f"{out}/progress.jsonl", "a") as f:
+            f.write(json.dumps({"phase": "startup"}) + "\\n")
+        time.sleep(10_000)
+    """, deadline_s=60)
+    started = asyncio.Event()
+    task = asyncio.create_task(backend.run(spec, on_progress=lambda p: started.set()))
+    await asyncio.wait_for(started.wait(), timeout=20)
+    t0 = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert time.monotonic() - t0 < 5
+    if backend.name == "docker":
+        assert request.getfixturevalue("no_leftovers")(spec.run_id) == []
+    else:
+        assert not pid_alive(int((spec.output_dir / "pid.txt").read_text()))
+
+
+async def test_bad_result_file_is_none_not_an_error(backend, make_spec):
+    spec = make_spec("""
+        import sys
+        open(f"{sys.argv[1]}/result.json", "w").write("{not json")
+    """)
+    outcome = await backend.run(spec)
+    assert outcome.status == "ok"
+    assert outcome.result is None
+    assert "result.json unreadable" in outcome.detail
+
+
+async def test_missing_mount_source_is_a_spec_error_and_starts_nothing(backend, make_spec, tmp_path):
+    from sandbox.errors import SpecError
+    from sandbox.models import Mount
+
+    spec = make_spec("print('never')", mounts=[Mount(source=tmp_path / "nope", target="/data")])
+    with pytest.raises(SpecError, match="does not exist"):
+        await backend.run(spec)
+    assert not spec.log_path.exists()
+
+
+def test_local_backend_maps_container_paths_to_host_paths(local_backend, make_spec):
+    spec = make_spec("print(1)", env={"TORCHINDUCTOR_CACHE_DIR": "/out/inductor", "DATABASE": "/database"})
+    argv, env = local_backend.command_and_env(spec)
+    assert argv[0] == local_backend.python
+    assert argv[1] == str(spec.mounts[0].source)
+    assert argv[2] == str(spec.output_dir)
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == f"{spec.output_dir}/inductor"
+    assert env["DATABASE"] == "/database"  # only whole path components are mapped
+    assert env["CUDA_VISIBLE_DEVICES"] == ""
+    assert json.dumps(env)  # plain strings only
