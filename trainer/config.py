@@ -61,8 +61,10 @@ class LocalSource(_Frozen):
     kind: Literal["local"] = "local"
     paths: list[str] = Field(default_factory=list)
     """Folders (or single files) to read; `prepare --path` adds to / replaces these."""
-    globs: list[str] = Field(default_factory=lambda: ["**/*.txt", "**/*.md", "**/*.py"])
-    """Text-file patterns, relative to each folder; .jsonl and .parquet are found too."""
+    globs: list[str] = Field(default_factory=lambda: ["**/*.txt", "**/*.md", "**/*.py", "**/*.jsonl",
+                                                      "**/*.parquet"])
+    """File patterns relative to each folder: .jsonl and .parquet files hold many documents, any
+    other match is one document; `prepare --glob` replaces these."""
     text_field: str = "text"
     """JSON key (.jsonl) or column (.parquet) holding a document's text."""
     val_fraction: float = Field(0.05, gt=0, lt=1)

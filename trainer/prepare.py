@@ -40,6 +40,8 @@ def resolve_source(program: ProgramConfig, args: argparse.Namespace):
     if kind == "local":
         src = base or LocalSource()
         updates = {"paths": args.path} if args.path else {}
+        if args.glob:
+            updates["globs"] = args.glob
     elif kind == "python-stdlib":
         src, updates = base or PythonStdlibSource(), {}
     else:
@@ -48,8 +50,8 @@ def resolve_source(program: ProgramConfig, args: argparse.Namespace):
                                      ("num_train_shards", args.num_train_shards)) if v is not None}
     if args.max_bytes is not None and kind != "climbmix":
         updates["max_bytes"] = args.max_bytes
-    if args.path and kind != "local":
-        raise SourceError(f"--path applies to the local source only (source is {kind})")
+    if (args.path or args.glob) and kind != "local":
+        raise SourceError(f"--path and --glob apply to the local source only (source is {kind})")
     return type(src).model_validate({**src.model_dump(), **updates})
 
 
@@ -133,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--source", choices=["climbmix", "local", "python-stdlib"],
                     help="override the program's data source")
     ap.add_argument("--path", action="append", help="folder or file for the local source (repeatable)")
+    ap.add_argument("--glob", action="append", help="local: file pattern such as '**/*.py' (repeatable)")
     ap.add_argument("--max-bytes", type=int, help="cap on text bytes read (local, python-stdlib)")
     ap.add_argument("--base-url", help="climbmix: where shard_NNNNN.parquet files are served")
     ap.add_argument("--num-train-shards", type=int, help="climbmix: training shards to use")

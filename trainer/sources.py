@@ -79,10 +79,10 @@ def local_files(src: LocalSource) -> list[Path]:
             continue
         if not root.is_dir():
             raise SourceError(f"{root}: no such folder for the local source")
-        for pattern in [*src.globs, "**/*.jsonl", "**/*.parquet"]:
+        for pattern in src.globs:
             files.update(p for p in root.glob(pattern) if p.is_file() and not _hidden(p, root))
     if not files:
-        raise SourceError(f"no files matching {src.globs} (or .jsonl/.parquet) under {src.paths}")
+        raise SourceError(f"no files matching {src.globs} under {src.paths}")
     return sorted(files)
 
 
