@@ -27,8 +27,6 @@ class DockerBackendConfig(BaseModel):
                                          "(the image's sandbox user) when the caller is root.")
     base_url: str | None = Field(default=None,
                                  description="Docker engine URL; None: DOCKER_HOST or the local socket.")
-    docker_log_file_bytes: int = Field(default=64 << 20, ge=1 << 20,
-                                       description="Cap on the engine's own copy of a run's output.")
 
 
 class LocalBackendConfig(BaseModel):

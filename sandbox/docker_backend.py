@@ -10,6 +10,7 @@ import asyncio
 import os
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import docker
@@ -82,20 +83,19 @@ class DockerBackend(Backend):
         runlog = CappedLog(spec.log_path, spec.limits.log_cap_bytes)
         follower = ProgressFollower(spec.output_dir / "progress.jsonl", on_progress)
         kwargs = container_kwargs(spec, user=self.user, owner=self.owner, runtime=self.config.runtime,
-                                  deadline_unix=time.time() + spec.deadline_s,
-                                  log_file_bytes=self.config.docker_log_file_bytes)
+                                  deadline_unix=time.time() + spec.deadline_s)
         t0 = time.monotonic()
         start = in_thread(self._start, kwargs)
         follow_task: asyncio.Task | None = None
         try:
             try:
-                container = await asyncio.shield(start)
+                container, output = await asyncio.shield(start)
             except ContainerError as e:
                 runlog.write(f"[sandbox] could not start the container: {e}\n".encode())
                 return self._outcome(spec, runlog, "infra-error", None, time.monotonic() - t0, str(e))
             log.info("container_started", run_id=spec.run_id, gpu=spec.gpu, container=container.short_id)
             follow_task = asyncio.create_task(follower.follow())
-            pump = in_thread(_pump_logs, container, runlog)
+            pump = in_thread(_pump, output, runlog)
             try:
                 status, code, detail = await self._supervise(container, spec, t0)
             except ContainerError as e:
@@ -114,7 +114,8 @@ class DockerBackend(Backend):
         follower.drain()
         return self._outcome(spec, runlog, status, code, wall, detail)
 
-    def _start(self, kwargs: dict) -> docker.models.containers.Container:
+    def _start(self, kwargs: dict) -> tuple[docker.models.containers.Container, Iterator[bytes]]:
+        """Create, attach to stdout/stderr, start. Attaching first means no output is missed."""
         create = {k: v for k, v in kwargs.items() if k != "detach"}
         try:
             # create + start, not run(): run() would try to pull a missing image from a registry
@@ -125,11 +126,12 @@ class DockerBackend(Backend):
         except docker.errors.DockerException as e:
             raise ContainerError(f"creating the container failed: {e}") from e
         try:
+            output = container.attach(stdout=True, stderr=True, stream=True, logs=False)
             container.start()
         except docker.errors.DockerException as e:
             _remove(container)
             raise ContainerError(f"starting the container failed: {e}") from e
-        return container
+        return container, output
 
     async def _supervise(self, container, spec: RunSpec, t0: float) -> tuple[RunStatus, int | None, str]:
         exit_fut = in_thread(_wait_exit, container)
@@ -162,7 +164,7 @@ class DockerBackend(Backend):
     async def _destroy_after_cancel(self, start: asyncio.Future) -> None:
         """Kill and remove the container, waiting for the start call if it is still in flight."""
         try:
-            container = await finish_despite_cancel(start)
+            container, _ = await finish_despite_cancel(start)
         except ContainerError:
             return
         await finish_despite_cancel(in_thread(_kill, container))
@@ -249,8 +251,8 @@ def _wait_exit(container) -> int:
             raise ContainerError(f"waiting for the container failed: {e}") from e
 
 
-def _pump_logs(container, runlog: CappedLog) -> None:
-    for chunk in container.logs(stream=True, follow=True, stdout=True, stderr=True):
+def _pump(output: Iterator[bytes], runlog: CappedLog) -> None:
+    for chunk in output:  # ends when the container's stdout and stderr close
         runlog.write(chunk)
 
 

@@ -49,7 +49,6 @@ def container_kwargs(
     owner: Owner,
     deadline_unix: float,
     runtime: str | None = None,
-    log_file_bytes: int = 64 << 20,
 ) -> dict[str, Any]:
     """The keyword arguments for docker-py `containers.run` that start `spec` hardened.
 
@@ -95,9 +94,9 @@ def container_kwargs(
         "init": True,  # an init as PID 1 reaps zombies and dies (taking everything) on kill
         "stdin_open": False,
         "tty": False,
-        # docker keeps its own copy of stdout; cap it too (we keep head+tail in the run folder)
-        "log_config": LogConfig(type=LogConfig.types.JSON,
-                                config={"max-size": str(log_file_bytes), "max-file": "2"}),
+        # no engine-side copy of stdout: the backend attaches before start and keeps a capped one;
+        # the json-file driver with rotation also loses the follow stream at the first rotation
+        "log_config": LogConfig(type="none"),
     }
     if lim.nofile is not None:
         kwargs["ulimits"].append(Ulimit(name="nofile", soft=lim.nofile, hard=lim.nofile))
