@@ -235,7 +235,7 @@ def orthogonalize(G):
 
 
 if COMPILE:
-    orthogonalize = torch.compile(orthogonalize)
+    orthogonalize = torch.compile(orthogonalize, dynamic=False)  # one graph per matrix shape
 
 
 class Muon(torch.optim.Optimizer):
