@@ -61,7 +61,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     lab = Lab(args.lab)
     try:
-        print(report.table(lab), end="")
+        print(report.table(lab), end="", flush=True)
         out = report.plot(lab, args.out or lab.root / "progress.png")
         print(f"progress plot: {out}", file=sys.stderr)
     finally:

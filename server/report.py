@@ -26,6 +26,7 @@ def plot(lab: Lab, out: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
 
     fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
     for agent in lab.ledger.agents():
@@ -34,13 +35,14 @@ def plot(lab: Lab, out: Path) -> Path:
         if not done:
             continue
         xs, ys = [i for i, _ in done], [r.val_bpb for _, r in done]
-        ax.scatter(xs, ys, s=14, color="lightgray", zorder=2)
+        ax.scatter(xs, ys, s=14, color="lightgray", zorder=2, label="discarded" if not ax.collections else None)
         kept = [(i, r.val_bpb) for i, r in done if r.kept]
         line = ax.step([i for i, _ in kept] + [len(runs)], [v for _, v in kept] + [kept[-1][1]], where="post",
                        label=f"{agent} best", zorder=3) if kept else None
         color = line[0].get_color() if line else None
-        ax.scatter([i for i, _ in kept], [v for _, v in kept], s=36, color=color, zorder=4)
-    ax.set_xlabel("experiment #")
+        ax.scatter([i for i, _ in kept], [v for _, v in kept], s=36, color=color, zorder=4, label=f"{agent} kept")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("experiment # (per agent)")
     ax.set_ylabel("val_bpb (lower is better)")
     ax.set_title(f"autoresearch progress: {lab.config.program}")
     ax.grid(alpha=0.3)
