@@ -116,3 +116,20 @@ def _training_window(root, run_id: str) -> tuple[float, float]:
     lines = (root / "runs" / run_id / "out" / "progress.jsonl").read_text().splitlines()
     times = [json.loads(ln)["t"] for ln in lines if ln.strip()]
     return min(times), max(times)
+
+
+async def test_a_run_past_its_deadline_is_a_timeout_with_its_log(make_lab, tiny_data, lab_containers):
+    root = make_lab(backend="docker", data_dir=open_dir(tiny_data), startup_allowance_s=2.0)
+    async with Client(stdio_params(root, "alice"), read_timeout_seconds=600) as client:
+        text = (await client.call_tool("read_train", {})).structured_content["text"]
+        stall = "cfg = trainer.program(); print('stalling on purpose', flush=True); __import__('time').sleep(600)"
+        await client.call_tool("apply_patch", {"diff": make_diff(text, "cfg = trainer.program()", stall)})
+        result = await client.call_tool("run_experiment", {"description": "never finishes"})
+        assert not result.is_error, result.content[0].text
+        r = result.structured_content
+        assert (r["status"], r["decision"], r["kept"], r["val_bpb"]) == ("timeout", "timeout", False, None)
+        assert "stalling on purpose" in r["log_tail"] and r["reason"]
+        assert (await client.call_tool("read_train", {})).structured_content["text"] == text  # back to the best
+    assert lab_containers() == []
+    [row] = ledger_rows(root)
+    assert row.status == "timeout" and row.commit is not None
