@@ -22,7 +22,7 @@ class Check:
     required: bool = True
 
 
-def _docker(image: str | None) -> list[Check]:
+def _docker(image: str | None, needs_gpu: bool = False) -> list[Check]:
     try:
         import docker  # noqa: PLC0415
 
@@ -37,7 +37,7 @@ def _docker(image: str | None) -> list[Check]:
     has_nvidia = "nvidia" in runtimes or any("nvidia" in str(v) for v in info.get("CDISpecDirs", []) or [])
     checks.append(Check("nvidia container runtime", has_nvidia, f"runtimes: {', '.join(runtimes)}",
                         "install the NVIDIA Container Toolkit, then `sudo nvidia-ctk runtime configure --runtime=docker "
-                        "&& sudo systemctl restart docker`", required=False))
+                        "&& sudo systemctl restart docker`", required=needs_gpu))
     if image:
         try:
             client.images.get(image)
@@ -61,6 +61,23 @@ def _gpus(needed: bool) -> Check:
     return Check("GPUs", bool(lines), "; ".join(lines) or "none listed", "check the NVIDIA driver", required=needed)
 
 
+def _slots(lab) -> Check:  # noqa: ANN001 - a Lab
+    """The host-wide run slots this lab leases from, and who holds them now."""
+    try:
+        from sandbox.gpus import SlotPool  # noqa: PLC0415
+
+        pool = SlotPool(lab.config.pool)
+        held = {slot: h for slot, h in pool.holders().items() if h}
+    except Exception as e:  # noqa: BLE001
+        return Check("run slots", False, str(e), f"fix `pool.state_dir` in {lab.root / 'lab.json'}")
+    names = ", ".join(s for s, _ in pool.slots)
+    busy = "; busy: " + ", ".join(f"{slot} ({h.get('holder', '?')})" for slot, h in held.items()) if held else ""
+    needs_gpu = lab.program().device == "cuda"
+    ok = not needs_gpu or any(gpu is not None for _, gpu in pool.slots)
+    return Check("run slots", ok, f"{names} under {pool.root}{busy}",
+                 "a cuda program needs GPU slots: check nvidia-smi, or list them in lab.json's pool.gpus")
+
+
 def doctor(root: Path) -> int:
     from server.lab import Lab  # noqa: PLC0415
 
@@ -75,12 +92,14 @@ def doctor(root: Path) -> int:
     try:
         docker_cfg = lab.config.backend if lab and isinstance(lab.config.backend, DockerBackendConfig) else None
         if lab is None or docker_cfg is not None:
-            checks += _docker(docker_cfg.image if docker_cfg else DockerBackendConfig().image)
+            needs_gpu = lab is not None and lab.program().device == "cuda"
+            checks += _docker(docker_cfg.image if docker_cfg else DockerBackendConfig().image, needs_gpu)
         if lab is not None:
             meta = lab.data_dir / "meta.json"
             checks.append(Check("prepared data", meta.is_file(), str(lab.data_dir),
                                 f"autoresearch-mcp prepare {lab.config.program} --lab {root}"))
             checks.append(_gpus(needed=lab.program().device == "cuda"))
+            checks.append(_slots(lab))
         else:
             checks.append(_gpus(needed=False))
     finally:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import structlog
 from sandbox.models import Mount, RunOutcome, RunSpec
 
 from server import log
@@ -114,6 +115,11 @@ class Experiments:
         """
         run_id = pending.record.run_id
         beat = asyncio.create_task(self._heartbeat(pending, report)) if report else None
+        with structlog.contextvars.bound_contextvars(run_id=run_id, agent=pending.record.agent):
+            return await self._execute(pending, beat)
+
+    async def _execute(self, pending: Pending, beat: asyncio.Task | None) -> ExperimentResult:
+        run_id = pending.record.run_id
         try:
             try:
                 outcome = await self._run_in_sandbox(pending)
