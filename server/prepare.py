@@ -158,7 +158,6 @@ def _run_with_network(backend, spec, bar: _Lines) -> int:  # noqa: ANN001 - a Do
     The sandbox runs experiments with no network at all and offers no switch; data download is
     trusted code, so this narrow exception builds the container from the same hardening function.
     """
-    import docker  # noqa: PLC0415
     from sandbox.hardening import container_kwargs  # noqa: PLC0415
 
     backend._prepare(spec)  # noqa: SLF001 - hands /out to the container user
@@ -166,12 +165,12 @@ def _run_with_network(backend, spec, bar: _Lines) -> int:  # noqa: ANN001 - a Do
                               deadline_unix=time.time() + spec.deadline_s)
     kwargs["network_mode"] = "bridge"
     try:
-        container = backend.client.containers.run(**kwargs)
-    except docker.errors.DockerException as e:
+        container, output = backend._start(kwargs)  # noqa: SLF001 - create, attach, start
+    except Exception as e:  # noqa: BLE001 - the sandbox's ContainerError
         raise LabError(f"could not start the prepare container: {e}") from e
     try:
         with spec.log_path.open("wb") as f:
-            for chunk in container.logs(stream=True, follow=True):
+            for chunk in output:
                 f.write(chunk)
                 for line in chunk.decode(errors="replace").splitlines():
                     bar(line)

@@ -52,3 +52,47 @@ def test_doctor_and_serve_say_what_is_missing(tmp_path):
     assert http.returncode == 2 and "--tokens" in http.stderr
     prepare = cli("prepare", "no-such-program", "--lab", str(tmp_path / "x"), timeout=60)
     assert prepare.returncode == 2 and "bundled programs" in prepare.stderr
+
+
+@pytest.mark.docker
+def test_prepare_downloads_climbmix_in_the_sandbox_image(tmp_path, docker_client, lab_containers):
+    """The one step with network: climbmix shards fetched from inside the container (from a local
+    HTTP server on the docker bridge, standing in for the Hugging Face hub)."""
+    import http.server  # noqa: PLC0415
+    import ipaddress  # noqa: PLC0415
+    import sysconfig  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    import pyarrow as pa  # noqa: PLC0415
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    served = tmp_path / "served"
+    served.mkdir()
+    docs = [p.read_text(errors="replace") for p in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))[:600]]
+    for index, chunk in [(0, docs[:250]), (1, docs[250:500]), (6542, docs[500:])]:
+        pq.write_table(pa.table({"text": chunk}), served / f"shard_{index:05d}.parquet")
+    clients: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(served), **kw)
+
+        def log_message(self, *args):
+            clients.append(self.client_address[0])
+
+    ipam = docker_client.networks.get("bridge").attrs["IPAM"]["Config"][0]
+    gateway = ipam.get("Gateway") or str(ipaddress.ip_network(ipam["Subnet"])[1])  # the host, seen from containers
+    server = http.server.ThreadingHTTPServer((gateway, 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        lab = tmp_path / "lab"
+        done = cli("prepare", PROGRAM, "--lab", str(lab), "--source", "climbmix", "--num-train-shards", "2",
+                   "--base-url", f"http://{gateway}:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+    assert done.returncode == 0, done.stderr
+    meta = json.loads((lab / "data" / "meta.json").read_text())
+    assert meta
+    assert len(clients) == 3 and gateway not in clients  # fetched by the container, not the host
+    assert lab_containers() == []
