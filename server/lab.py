@@ -19,8 +19,9 @@ import fcntl
 import os
 import re
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from trainer.config import ProgramConfig, TrainerError, load_program, parse_program
@@ -39,6 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PROGRAMS_DIR = REPO_ROOT / "programs"
 
 logger = log.get("lab")
+T = TypeVar("T")
 
 
 def program_dir(name: str) -> Path:
@@ -154,13 +156,14 @@ class Lab:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as e:
                 raise BusyError(
-                    f"agent {agent!r} has an experiment in flight; wait for it (get_experiment) before changing train.py"
+                    f"agent {agent!r} has an experiment in flight (list_experiments shows it as queued/running); "
+                    "wait for it to finish, then try again"
                 ) from e
             yield
         finally:
             os.close(fd)  # closing the descriptor releases the lock
 
-    async def git(self, fn, *args):  # noqa: ANN001, ANN201 - a thin thread hop
+    async def git(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking History call in a worker thread, one at a time per lab and process.
 
         A file lock also guards worktree creation against other server processes.
@@ -168,7 +171,7 @@ class Lab:
         async with self._git_lock:
             return await asyncio.to_thread(self._locked_git, fn, *args)
 
-    def _locked_git(self, fn, *args):  # noqa: ANN001, ANN202
+    def _locked_git(self, fn: Callable[..., T], *args: Any) -> T:
         fd = os.open(self.root / "locks" / "git.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

@@ -64,6 +64,8 @@ async def test_experiment_loop_over_stdio(make_lab, tiny_data, lab_containers):
 
         await patch(client, "cfg = trainer.program()", f"cfg = trainer.program(); raise RuntimeError({CRASH_MARK!r})")
         started = await call(client, "start_experiment", {"description": "crashes on purpose"})
+        busy = await client.call_tool("run_experiment", {"description": "a second run at once"})
+        assert busy.is_error and "in flight" in busy.content[0].text  # one run per agent at a time
         state = await wait_for_finish(client, started["run_id"])
         crash = state["result"]
         assert crash["status"] == "crash" and crash["decision"] == "crash" and not crash["kept"]
