@@ -81,17 +81,21 @@ async def _shrink_budget(client: Client, root) -> None:
 
 
 async def test_two_agents_share_one_cpu_slot(make_lab, tiny_data, lab_containers):
-    root = make_lab(backend="docker", data_dir=open_dir(tiny_data))
+    root = make_lab(backend="docker", data_dir=open_dir(tiny_data), progress_interval_s=1.0)
     async with Client(stdio_params(root, "alice"), read_timeout_seconds=600) as alice, \
             Client(stdio_params(root, "bob"), read_timeout_seconds=600) as bob:
         original = (await bob.call_tool("read_train", {})).structured_content["text"]
         text = (await alice.call_tool("read_train", {})).structured_content["text"]
         await alice.call_tool("apply_patch", {"diff": make_diff(text, "LR = ", "LR = 5e-3  # alice's idea")})
         assert (await bob.call_tool("read_train", {})).structured_content["text"] == original
-        results = {}
+        results, messages = {}, {"alice": [], "bob": []}
 
         async def run(name: str, client: Client) -> None:
-            result = await client.call_tool("run_experiment", {"description": f"{name}'s run"})
+            async def on_progress(value: float, total: float | None, message: str | None) -> None:
+                messages[name].append(message)
+
+            result = await client.call_tool("run_experiment", {"description": f"{name}'s run"},
+                                            progress_callback=on_progress)
             assert not result.is_error, result.content[0].text
             results[name] = result.structured_content
 
@@ -99,6 +103,8 @@ async def test_two_agents_share_one_cpu_slot(make_lab, tiny_data, lab_containers
             tg.start_soon(run, "alice", alice)
             tg.start_soon(run, "bob", bob)
         assert {r["status"] for r in results.values()} == {"ok"}
+        waited = [name for name, ms in messages.items() if any("run(s) ahead" in (m or "") for m in ms)]
+        assert waited, messages  # the second in line was told it was queued for the slot
         assert "alice's idea" not in (await bob.call_tool("read_train", {})).structured_content["text"]
         assert "alice's idea" in (await alice.call_tool("read_train", {})).structured_content["text"]
         bob_runs = (await bob.call_tool("list_experiments", {})).structured_content["runs"]
