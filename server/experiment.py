@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from sandbox.base import finish_despite_cancel
 from sandbox.models import Mount, RunOutcome, RunSpec
 
 from server import log
@@ -135,9 +136,19 @@ class Experiments:
                 if beat:
                     beat.cancel()
                 self.pending.pop(run_id, None)
-            return await self._record(pending, outcome)
+            # The run is over: a cancellation now must not leave a half-recorded run behind.
+            return await finish_despite_cancel(asyncio.ensure_future(self._record_or_fail(pending, outcome)))
         finally:
             pending.lock.close()
+
+    async def _record_or_fail(self, pending: Pending, outcome: RunOutcome) -> ExperimentResult:
+        try:
+            return await self._record(pending, outcome)
+        except Exception as e:
+            logger.exception("record_failed", run_id=pending.record.run_id)
+            self.lab.ledger.finish(pending.record.run_id, "infra-error",
+                                   detail=f"recording the {outcome.status} result failed: {type(e).__name__}: {e}")
+            raise
 
     async def run(self, agent: str, description: str, report: Reporter | None = None) -> ExperimentResult:
         """The blocking form: begin and execute in the caller's task."""

@@ -139,3 +139,23 @@ async def test_a_run_past_its_deadline_is_a_timeout_with_its_log(make_lab, tiny_
     assert lab_containers() == []
     [row] = ledger_rows(root)
     assert row.status == "timeout" and row.commit is not None
+
+
+async def test_a_broken_sandbox_is_an_infra_error_not_a_result(make_lab, tiny_data, docker_client):
+    root = make_lab(backend="docker", data_dir=open_dir(tiny_data))
+    lab_json = root / "lab.json"
+    cfg = json.loads(lab_json.read_text())
+    cfg["backend"]["image"] = "autoresearch-sandbox:no-such-tag"
+    lab_json.write_text(json.dumps(cfg))
+    async with Client(stdio_params(root, "alice"), read_timeout_seconds=600) as client:
+        result = await client.call_tool("run_experiment", {"description": "no image"})
+        assert not result.is_error, result.content[0].text
+        r = result.structured_content
+        assert (r["status"], r["decision"], r["commit"], r["kept"]) == ("infra-error", None, None, False)
+        assert "no-such-tag" in r["reason"]
+        text = (await client.call_tool("read_train", {})).structured_content["text"]
+        again = await client.call_tool("apply_patch", {"diff": make_diff(text, "LR = ", "LR = 5e-3")})
+        assert not again.is_error  # the agent's lock was released
+    [row] = ledger_rows(root)
+    assert row.status == "infra-error" and row.commit is None
+    assert not (root / "results" / "alice.tsv").exists()
