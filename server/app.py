@@ -99,7 +99,9 @@ def build_server(lab_dir: Path, stdio_agent: str | None = None, tokens_file: Pat
     if tokens_file is not None:
         auth = dict(
             token_verifier=TokenFileVerifier(tokens_file),
-            auth=AuthSettings(issuer_url=url, resource_server_url=f"{url}/mcp", required_scopes=["agent"]),
+            # Static bearer tokens, no OAuth: no resource_server_url, so no OAuth metadata is published
+            # (clients that see it may try an OAuth flow instead of sending their configured header).
+            auth=AuthSettings(issuer_url=url, resource_server_url=None, required_scopes=["agent"]),
         )
     mcp = MCPServer("autoresearch-mcp", instructions=INSTRUCTIONS, lifespan=lifespan, **auth)
     tools.register(mcp)
