@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     s = meta["splits"]
     print(f"prepared {args.data_dir}: train {s['train']['tokens']:,} tokens, val {s['val']['tokens']:,} "
-          f"tokens, unigram_bpb {meta['unigram_bpb']:.4f}")
+          f"tokens, unigram_bpb {meta['unigram_bpb']:.4f}, {meta['prepare_seconds']}s")
     return 0
 
 
