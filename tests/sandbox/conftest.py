@@ -7,6 +7,7 @@ with this session's id and removed at the end, whatever the tests left.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import textwrap
@@ -27,6 +28,7 @@ from sandbox.models import Limits, Mount, RunSpec
 
 TEST_LABEL = "autoresearch-sandbox-tests"
 SESSION = uuid.uuid4().hex[:10]
+_RUN_NUMBERS = itertools.count()
 BASE_ENV = {"PYTHONUNBUFFERED": "1", "HOME": "/tmp", "HF_HUB_OFFLINE": "1"}
 
 
@@ -101,12 +103,11 @@ SpecFactory = Callable[..., RunSpec]
 @pytest.fixture()
 def make_spec(tmp_path: Path, sandbox_image: str) -> SpecFactory:
     """A RunSpec that runs `script` (Python source) as /work/script.py with /out as its argument."""
-    counter = iter(range(1000))
 
     def make(script: str, *, deadline_s: float = 30.0, limits: Limits | None = None,
              env: dict[str, str] | None = None, mounts: list[Mount] | None = None,
              args: list[str] | None = None) -> RunSpec:
-        n = next(counter)
+        n = next(_RUN_NUMBERS)  # session-wide: run ids (and container names) never repeat
         run_id = f"t{SESSION}-{os.getpid()}-{n}"
         work = tmp_path / f"run{n}"
         work.mkdir()
