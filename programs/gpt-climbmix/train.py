@@ -13,7 +13,6 @@ per optimizer step; linear warmdown over the second half of the budget; bf16; to
 """
 
 import gc
-import math
 
 import torch
 import torch.nn as nn

@@ -7,8 +7,6 @@ False, then trainer.submit(model). The harness scores the submitted model (val_b
 better). Imports: torch and trainer only.
 """
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -2,8 +2,6 @@
 
 import filecmp
 import http.server
-import json
-import shutil
 import threading
 
 import pyarrow as pa

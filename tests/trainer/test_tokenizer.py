@@ -1,6 +1,5 @@
 """Tokenizer: trained with rustbpe, saved and reloaded as a tiktoken encoding, lossless on Unicode."""
 
-import numpy as np
 import pytest
 
 from trainer.tokenizer import (BOS, SPECIAL_TOKENS, encode_docs, load_token_bytes, load_tokenizer,
