@@ -21,7 +21,8 @@ OUTPUT_TARGET = "/out"  # where output_dir appears inside the run
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_GPU_ID = re.compile(r"^[A-Za-z0-9:-]{1,80}$")  # an index ("0") or a UUID ("GPU-1a2b...")
+# an index ("0"), a GPU UUID ("GPU-1a2b...") or a MIG device; never "all" or a list
+_GPU_ID = re.compile(r"^(\d{1,3}|GPU-[0-9a-fA-F-]{8,80}|MIG-[A-Za-z0-9/-]{8,100})$")
 
 
 class _Frozen(BaseModel):

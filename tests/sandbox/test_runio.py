@@ -1,0 +1,80 @@
+"""The capped log, the progress follower and the result reader, on plain files."""
+
+from __future__ import annotations
+
+import json
+
+from sandbox.runio import CappedLog, ProgressFollower, read_result
+
+
+def test_small_log_is_kept_whole(tmp_path):
+    log = CappedLog(tmp_path / "log", 1000)
+    for i in range(10):
+        log.write(f"line {i}\n".encode())
+    log.close()
+    assert (tmp_path / "log").read_text() == "".join(f"line {i}\n" for i in range(10))
+    assert not log.truncated
+    assert log.tail_text().endswith("line 9\n")
+
+
+def test_big_log_keeps_head_and_tail_with_a_marker(tmp_path):
+    log = CappedLog(tmp_path / "log", 100)
+    data = b"".join(b"%04d\n" % i for i in range(1000))  # 5000 bytes
+    for k in range(0, len(data), 7):  # odd chunk sizes cross the head/tail boundary
+        log.write(data[k:k + 7])
+    log.close()
+    text = (tmp_path / "log").read_bytes()
+    head, rest = text[:50], text[50:]
+    assert head == data[:50]
+    assert rest.endswith(data[-50:])
+    assert b"4900 bytes of log omitted" in rest
+    assert log.truncated and log.total == 5000
+    assert log.tail_text(10) == data[-10:].decode()
+
+
+def test_log_memory_stays_bounded(tmp_path):
+    log = CappedLog(tmp_path / "log", 1 << 12)
+    for _ in range(10_000):
+        log.write(b"y" * 1000)
+        assert log._tail_len <= (1 << 11) + 1000
+    log.close()
+
+
+def test_progress_follower_parses_whole_lines_only_and_skips_garbage(tmp_path):
+    path = tmp_path / "progress.jsonl"
+    seen: list[dict] = []
+    f = ProgressFollower(path, seen.append)
+    f.drain()  # no file yet: nothing, no error
+    with open(path, "w") as out:
+        out.write('{"step": 1}\n{"step": 2')
+    f.drain()
+    assert seen == [{"step": 1}]
+    with open(path, "a") as out:
+        out.write('}\nnot json\n[1]\n' + "x" * 70_000 + '\n{"step": 3}\n')
+    f.drain()
+    assert seen == [{"step": 1}, {"step": 2}, {"step": 3}]
+
+
+def test_progress_callback_errors_do_not_propagate(tmp_path):
+    path = tmp_path / "progress.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}\n')
+    calls = []
+
+    def boom(item):
+        calls.append(item)
+        raise RuntimeError("callback bug")
+
+    ProgressFollower(path, boom).drain()
+    assert len(calls) == 2
+
+
+def test_read_result_variants(tmp_path):
+    assert read_result(tmp_path) == (None, "no result.json")
+    (tmp_path / "result.json").write_text("[1, 2]")
+    assert read_result(tmp_path)[1] == "result.json is not a JSON object"
+    (tmp_path / "result.json").write_text("{broken")
+    assert read_result(tmp_path)[1].startswith("result.json unreadable")
+    (tmp_path / "result.json").write_text(json.dumps({"status": "ok", "val_bpb": 0.99}))
+    assert read_result(tmp_path) == ({"status": "ok", "val_bpb": 0.99}, "")
+    (tmp_path / "result.json").write_bytes(b" " * (2 << 20))
+    assert "larger than" in read_result(tmp_path)[1]
