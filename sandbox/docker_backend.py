@@ -79,11 +79,24 @@ class DockerBackend(Backend):
     # -- run -----------------------------------------------------------------------------------
 
     async def run(self, spec: RunSpec, on_progress: ProgressCallback | None = None) -> RunOutcome:
+        return await self._run(spec, on_progress, network="none")
+
+    async def run_with_network(self, spec: RunSpec, on_progress: ProgressCallback | None = None) -> RunOutcome:
+        """Like run(), hardened the same way, but on the engine's default bridge network.
+
+        For TRUSTED set-up steps only (the data download of `trainer.prepare`); never for an agent's
+        code. Everything else (read-only root, no capabilities, limits, deadline, capped log) holds.
+        """
+        log.warning("run_with_network", run_id=spec.run_id)
+        return await self._run(spec, on_progress, network="bridge")
+
+    async def _run(self, spec: RunSpec, on_progress: ProgressCallback | None, network: str) -> RunOutcome:
         self._prepare(spec)
         runlog = CappedLog(spec.log_path, spec.limits.log_cap_bytes)
         follower = ProgressFollower(spec.output_dir / "progress.jsonl", on_progress)
         kwargs = container_kwargs(spec, user=self.user, owner=self.owner, runtime=self.config.runtime,
                                   deadline_unix=time.time() + spec.deadline_s)
+        kwargs["network_mode"] = network
         t0 = time.monotonic()
         start = in_thread(self._start, kwargs)
         follow_task: asyncio.Task | None = None

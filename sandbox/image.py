@@ -252,8 +252,21 @@ def build_image(
             _say(on_progress, f"image {tag} is up to date ({digest[:12]})")
             return tag
         _say(on_progress, f"building {tag} ({flavor}) from {base}")
+        old = _image_id(c, tag)
         _docker_build(c, ctx, tag, buildargs, {LABEL_INPUTS: digest, LABEL_FLAVOR: flavor}, on_progress)
+    if old and old != _image_id(c, tag):
+        try:  # the previous build is now an untagged leftover; keep it only while containers use it
+            c.images.remove(old, noprune=False)
+        except docker.errors.DockerException:
+            pass
     return tag
+
+
+def _image_id(c: docker.DockerClient, tag: str) -> str | None:
+    try:
+        return c.images.get(tag).id
+    except docker.errors.ImageNotFound:
+        return None
 
 
 def ensure_image(flavor: Flavor = "cpu", tag: str | None = None, **kw) -> str:

@@ -290,3 +290,12 @@ async def test_image_has_the_trainer_and_its_dependencies(docker_backend, make_s
     assert r["hf_offline"] == "1"  # from the image, not from the run's env (empty here)
     assert r["uid"] != 0
     assert r["pythonpath"] == "/opt/autoresearch"
+
+
+async def test_run_with_network_is_the_one_networked_path(docker_backend, make_spec, host_listener):
+    """Trusted set-up steps may use the bridge network; the rest of the hardening still holds."""
+    outcome = await docker_backend.run_with_network(make_spec(NET_PROBE, args=["1"]))
+    r = outcome.result
+    assert outcome.status == "ok"
+    assert sorted(r["interfaces"]) == ["eth0", "lo"]
+    assert r["docker_gateway"] != "connected"  # nothing listens there on port 1
