@@ -2,38 +2,11 @@
 
 import json
 import subprocess
-import textwrap
 
 import pytest
 
 from trainer import run as harness
-from trainer_testlib import PROGRAMS, PYTHON, REPO, TINY_TOML, derive_program
-
-RESULT_KEYS = {"status", "reason", "val_bpb", "training_seconds", "total_seconds", "startup_seconds",
-               "eval_seconds", "peak_memory_mb", "mfu_percent", "total_tokens", "num_steps",
-               "num_params", "traceback_tail"}
-
-MINI = """
-import torch
-import trainer
-
-cfg = trainer.program()
-model = torch.nn.Sequential(torch.nn.Embedding(cfg.vocab_size, 8), torch.nn.Linear(8, cfg.vocab_size))
-opt = torch.optim.SGD(model.parameters(), lr=0.1)
-loader = trainer.train_loader(4)
-step = 0
-while True:
-    x, y = next(loader)
-    loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
-    loss.backward(); opt.step(); opt.zero_grad()
-    step += 1
-{body}
-"""
-
-
-def mini(body: str) -> str:
-    return MINI.format(body=textwrap.indent(textwrap.dedent(body), "    "))
-
+from trainer_testlib import PROGRAMS, PYTHON, REPO, RESULT_KEYS, TINY_TOML, derive_program, mini
 
 def run_in_process(tmp_path, tiny_data, source: str, **overrides):
     program = derive_program(TINY_TOML, tmp_path / "program.toml",
@@ -63,7 +36,7 @@ def test_tiny_program_learns_and_beats_unigram(tmp_path, tiny_data):
     print(f"tiny-stdlib 20 s: val_bpb {result['val_bpb']:.4f}, unigram {result['unigram_bpb']:.4f}, "
           f"{result['num_steps']} steps")
     assert result["val_bpb"] < 0.8 * result["unigram_bpb"]  # clearly learned, not just frequencies
-    assert 19.5 <= result["training_seconds"] <= 24 and result["num_steps"] > 20
+    assert 19.5 <= result["training_seconds"] <= 30 and result["num_steps"] > 20
     assert result["total_tokens"] > 0 and result["num_params"] > 100_000
     assert result["mfu_percent"] is None  # no known GPU
     block = proc.stdout[proc.stdout.rindex("---"):]

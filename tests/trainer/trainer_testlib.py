@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 import pyarrow as pa
@@ -53,3 +54,29 @@ def write_corpus(root: Path, docs: list[str]) -> Path:
     (root / ".hidden").mkdir()
     (root / ".hidden" / "secret.txt").write_text("HIDDEN FILE must not be read")
     return root
+
+
+RESULT_KEYS = {"status", "reason", "val_bpb", "training_seconds", "total_seconds", "startup_seconds",
+               "eval_seconds", "peak_memory_mb", "mfu_percent", "total_tokens", "num_steps",
+               "num_params", "traceback_tail"}
+
+MINI = """
+import torch
+import trainer
+
+cfg = trainer.program()
+model = torch.nn.Sequential(torch.nn.Embedding(cfg.vocab_size, 8), torch.nn.Linear(8, cfg.vocab_size))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+loader = trainer.train_loader(4)
+step = 0
+while True:
+    x, y = next(loader)
+    loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    loss.backward(); opt.step(); opt.zero_grad()
+    step += 1
+{body}
+"""
+
+
+def mini(body: str) -> str:
+    return MINI.format(body=textwrap.indent(textwrap.dedent(body), "    "))
