@@ -5,7 +5,9 @@ Usage:
 
 Writes /out/result.json and /out/progress.jsonl, prints a summary block, exits 0 when the
 status is ok and 1 on a crash. val_bpb is computed here, from the submitted model, never by
-train.py.
+train.py. Not protected: train.py runs in this process (runpy) with /data readable, so
+determined code could reach the harness's memory or val.bin; scoring an exported model in a
+separate process that alone sees validation data closes that (evaluate_program takes any module).
 """
 
 from __future__ import annotations
