@@ -72,8 +72,10 @@ class LocalBackend(Backend):
         env = {k: self._map(v, table) for k, v in spec.env.items()}
         env["PYTHONPATH"] = os.pathsep.join([*self.pythonpath, *filter(None, [env.get("PYTHONPATH")])])
         env.setdefault("PATH", os.pathsep.join([str(Path(self.python).parent), os.defpath.lstrip(":")]))
-        # no leased GPU: hide them all rather than let the run grab GPU 0
+        # no leased GPU: hide them all rather than let the run grab GPU 0; PCI order makes CUDA's
+        # indices match nvidia-smi's, which the leases use
         env["CUDA_VISIBLE_DEVICES"] = spec.gpu if spec.gpu is not None else ""
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         return argv, env
 
     # -- run -----------------------------------------------------------------------------------
