@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import stat
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -104,6 +106,22 @@ def read_tail_bytes(path: Path, n: int) -> bytes:
         return b""
 
 
+def open_regular(path: Path):
+    """Open a file the run wrote, for reading, only if it is a regular file.
+
+    The run controls its output folder: a symlink there would make the host read one of its own
+    files (and hand it to the agent), and a FIFO would block the reader forever.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return os.fdopen(fd, "rb")
+
+
 class ProgressFollower:
     """Follow output_dir/progress.jsonl and hand each parsed JSON object to a callback."""
 
@@ -124,12 +142,15 @@ class ProgressFollower:
     def drain(self) -> None:
         if self.on_progress is None:
             return
+        f = open_regular(self.path)
+        if f is None:
+            return  # not written yet (or not a regular file): nothing to report
         try:
-            with open(self.path, "rb") as f:
+            with f:
                 f.seek(self._offset)
                 data = f.read(PROGRESS_MAX_READ)
         except OSError:
-            return  # not written yet (or not a regular file): nothing to report
+            return
         self._offset += len(data)
         chunks = (self._partial + data).split(b"\n")
         self._partial = chunks.pop()
@@ -157,12 +178,16 @@ class ProgressFollower:
 def read_result(output_dir: Path) -> tuple[dict | None, str]:
     """output_dir/result.json as a dict, or None with the reason."""
     path = output_dir / "result.json"
+    if not os.path.lexists(path):
+        return None, "no result.json"
+    f = open_regular(path)
+    if f is None:
+        return None, "result.json is not a regular file (symlinks and pipes are refused)"
     try:
-        if not path.is_file():
-            return None, "no result.json"
-        if path.stat().st_size > RESULT_MAX_BYTES:
-            return None, f"result.json larger than {RESULT_MAX_BYTES} bytes"
-        data = json.loads(path.read_bytes())
+        with f:
+            if os.fstat(f.fileno()).st_size > RESULT_MAX_BYTES:
+                return None, f"result.json larger than {RESULT_MAX_BYTES} bytes"
+            data = json.loads(f.read(RESULT_MAX_BYTES + 1))
     except (OSError, ValueError) as e:
         return None, f"result.json unreadable: {e}"
     if not isinstance(data, dict):

@@ -299,3 +299,22 @@ async def test_run_with_network_is_the_one_networked_path(docker_backend, make_s
     assert outcome.status == "ok"
     assert sorted(r["interfaces"]) == ["eth0", "lo"]
     assert r["docker_gateway"] != "connected"  # nothing listens there on port 1
+
+
+async def test_links_and_pipes_in_out_cannot_make_the_host_read_its_own_files(docker_backend, make_spec, tmp_path):
+    """The run owns /out: a symlink there must not leak a host file into progress or result."""
+    host_file = tmp_path / "host-only.jsonl"
+    host_file.write_text('{"secret": "host data"}\n')
+    spec = make_spec("""
+        import os, sys
+        out, target = sys.argv[1], sys.argv[2]
+        os.symlink(target, f"{out}/progress.jsonl")
+        os.mkfifo(f"{out}/result.json")
+        print("planted", flush=True)
+    """, args=[str(host_file)])
+    seen: list[dict] = []
+    outcome = await asyncio.wait_for(docker_backend.run(spec, on_progress=seen.append), timeout=30)
+    assert (spec.output_dir / "progress.jsonl").is_symlink()  # the trap was really set
+    assert seen == []
+    assert outcome.result is None
+    assert "not a regular file" in outcome.detail
