@@ -128,6 +128,11 @@ class RunSpec(_Frozen):
         dupes = sorted({t for t in targets if targets.count(t) > 1})
         if dupes:
             raise ValueError(f"mount targets appear more than once: {dupes}")
+        # the run may replace anything in its writable folders (say, by a symlink to a host file
+        # that the host would then overwrite): the log lives outside all of them
+        for writable in [self.output_dir, *(m.source for m in self.mounts if not m.read_only)]:
+            if self.log_path == writable or writable in self.log_path.parents:
+                raise ValueError(f"log_path {self.log_path} must not be inside the writable folder {writable}")
         return self
 
 

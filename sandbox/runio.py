@@ -41,7 +41,9 @@ class CappedLog:
         self._tail: deque[bytes] = deque()
         self._tail_len = 0
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "wb")  # noqa: SIM115 - closed in close()
+        # O_NOFOLLOW: never write through a symlink someone planted where the log goes
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        self._f = os.fdopen(fd, "wb")
         self.closed = False
         self._lock = threading.Lock()  # a pump thread writes while the run's task may close
 

@@ -29,6 +29,9 @@ def spec(**kw) -> RunSpec:
     ({"labels": {"autoresearch-mcp.run-id": "spoof"}}, "reserved"),
     ({"mounts": [Mount(source=Path("/a"), target="/d"), Mount(source=Path("/b"), target="/d")]}, "more than once"),
     ({"unknown_field": 1}, "Extra inputs"),
+    ({"log_path": Path("/o/log.txt")}, "must not be inside the writable folder"),
+    ({"log_path": Path("/c/x/log.txt"), "mounts": [Mount(source=Path("/c"), target="/cache", read_only=False)]},
+     "must not be inside the writable folder"),
 ])
 def test_bad_specs_are_refused(kw, message):
     with pytest.raises(ValidationError, match=message):
