@@ -35,7 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TAGS: dict[str, str] = {"cpu": "autoresearch-sandbox:cpu", "gpu": "autoresearch-sandbox:gpu"}
 PUBLIC_BASES: dict[str, str] = {
     "cpu": "python:3.11-slim-bookworm",
-    "gpu": "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04",
+    "gpu": "nvidia/cuda:12.8.1-base-ubuntu24.04",
 }
 LOCAL_BASE = "autoresearch-base:bookworm"  # made by debootstrap when no registry answers
 TORCH_SPEC = "torch==2.13.0"
