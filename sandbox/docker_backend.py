@@ -91,7 +91,7 @@ class DockerBackend(Backend):
         return await self._run(spec, on_progress, network="bridge")
 
     async def _run(self, spec: RunSpec, on_progress: ProgressCallback | None, network: str) -> RunOutcome:
-        self._prepare(spec)
+        await asyncio.to_thread(self._prepare, spec)  # may walk a big cache folder: not on the loop
         runlog = CappedLog(spec.log_path, spec.limits.log_cap_bytes)
         follower = ProgressFollower(spec.output_dir / "progress.jsonl", on_progress)
         kwargs = container_kwargs(spec, user=self.user, owner=self.owner, runtime=self.config.runtime,

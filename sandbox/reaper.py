@@ -2,6 +2,7 @@
 
 Every container carries its owner's pid, the pid's start time (so a reused pid does not count as
 alive) and host name. Runs of another host are reaped only once their deadline has passed.
+Assumes owner and reaper share the host's PID namespace (servers are not themselves containerised).
 """
 
 from __future__ import annotations
