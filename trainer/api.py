@@ -67,6 +67,8 @@ class Run:
     last_report: float = 0.0
     tokens_at_report: int = 0
     last_loss: float | None = None
+    pending_loss: object = None  # the last CUDA loss, read at the next step
+    step_seconds: list[float] = field(default_factory=list)  # host time between timed steps
     crash_reason: str | None = None
     loaders: list = field(default_factory=list)
     model: object = None
@@ -141,18 +143,21 @@ def step(loss) -> bool:
 
     Call it once per optimizer step with the step's loss (a float or a scalar tensor). A NaN,
     infinite or exploding loss raises TrainingDiverged (the run ends as a crash); training on
-    past the budget plus grace raises BudgetExceeded.
+    past the budget plus grace raises BudgetExceeded. A CUDA loss is read one step late, so the
+    GPU never idles while the host waits for it (issue 5: CPU-GPU overlap).
     """
     run = _run()
-    value = float(loss.detach().float().item() if hasattr(loss, "detach") else loss)
+    pending, run.pending_loss = run.pending_loss, loss.detach() if hasattr(loss, "detach") else loss
     run.steps += 1
     now = time.monotonic()
-    run.last_step, run.last_loss = now, value
-    if not math.isfinite(value) or value > run.program.max_loss:
-        run.crash_reason = (f"training diverged: loss is {value} at step {run.steps} "
-                            f"(limit {run.program.max_loss:g})")
-        run.log.emit("train", step=run.steps, loss=value, remaining_s=None)
-        raise TrainingDiverged(run.crash_reason)
+    if run.last_step is not None and run.clock_start is not None:
+        run.step_seconds.append(now - run.last_step)
+    run.last_step = now
+    if pending is not None:
+        _check_loss(run, pending, run.steps - 1)
+    if not getattr(run.pending_loss, "is_cuda", False):
+        _check_loss(run, run.pending_loss, run.steps)
+        run.pending_loss = None
     if run.clock_start is None and run.steps >= run.program.untimed_steps:
         run.start_clock()
         _report(run, now, force=True)
@@ -163,8 +168,21 @@ def step(loss) -> bool:
         run.crash_reason = (f"train.py trained {elapsed:.1f}s, past its budget of {budget:g}s plus "
                             f"{run.program.grace_s:g}s grace: stop when trainer.step() returns False")
         raise BudgetExceeded(run.crash_reason)
+    if elapsed >= budget and run.pending_loss is not None:  # the last step: wait for it and check it
+        _check_loss(run, run.pending_loss, run.steps)
+        run.pending_loss, run.last_step = None, time.monotonic()
     _report(run, now, force=run.steps <= 3 or elapsed >= budget)
     return elapsed < budget
+
+
+def _check_loss(run: Run, loss, step_number: int) -> None:
+    value = float(loss.float().item() if hasattr(loss, "item") else loss)
+    run.last_loss = value
+    if not math.isfinite(value) or value > run.program.max_loss:
+        run.crash_reason = (f"training diverged: loss is {value} at step {step_number} "
+                            f"(limit {run.program.max_loss:g})")
+        run.log.emit("train", step=step_number, loss=value, remaining_s=None)
+        raise TrainingDiverged(run.crash_reason)
 
 
 def _report(run: Run, now: float, force: bool = False) -> None:
@@ -174,12 +192,21 @@ def _report(run: Run, now: float, force: bool = False) -> None:
     rate = (tokens - run.tokens_at_report) / max(now - run.last_report, 1e-9) if run.last_report else None
     run.last_report, run.tokens_at_report = now, tokens
     remaining = max(run.program.budget_s - run.elapsed(), 0.0) if run.clock_start else run.program.budget_s
-    run.log.emit("train", step=run.steps, loss=round(run.last_loss, 6),
+    loss = None if run.last_loss is None else round(run.last_loss, 6)
+    run.log.emit("train", step=run.steps, loss=loss,
                  tokens_per_s=round(rate, 1) if rate else None, remaining_s=round(remaining, 1))
     done = 100 * min(run.elapsed() / run.program.budget_s, 1.0)
     rate_s = f"{rate:,.0f}" if rate else "-"
-    print(f"step {run.steps:05d} ({done:5.1f}%) | loss {run.last_loss:.6f} | tok/s {rate_s} "
+    loss_s = "-" if loss is None else f"{loss:.6f}"
+    print(f"step {run.steps:05d} ({done:5.1f}%) | loss {loss_s} | tok/s {rate_s} "
           f"| remaining {remaining:.0f}s", flush=True)
+
+
+def check_last_loss(run: Run) -> None:
+    """Harness only: check the loss still held back when train.py stopped stepping."""
+    if run.pending_loss is not None:
+        pending, run.pending_loss = run.pending_loss, None
+        _check_loss(run, pending, run.steps)
 
 
 def progress() -> float:

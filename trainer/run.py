@@ -17,6 +17,7 @@ import json
 import math
 import resource
 import runpy
+import statistics
 import sys
 import time
 import traceback
@@ -40,7 +41,8 @@ def empty_result() -> dict:
     return {"status": "crash", "reason": None, "val_bpb": None, "unigram_bpb": None,
             "training_seconds": 0.0, "total_seconds": 0.0, "startup_seconds": 0.0,
             "eval_seconds": 0.0, "peak_memory_mb": 0.0, "mfu_percent": None, "total_tokens": 0,
-            "num_steps": 0, "num_params": 0, "traceback_tail": None}
+            "num_steps": 0, "num_params": 0, "tokens_per_s": None, "step_seconds": None,
+            "traceback_tail": None}
 
 
 def tail(exc: BaseException) -> str:
@@ -109,6 +111,11 @@ def score(run: api.Run, device, result: dict) -> None:
     fpt = flops_per_token(non_embedding, run.attention, program.seq_len)
     mfu = mfu_percent(fpt, run.tokens - run.tokens_at_clock_start, training, peak_flops(name))
     result["mfu_percent"] = round(mfu, 2) if mfu is not None else None
+    result["tokens_per_s"] = round((run.tokens - run.tokens_at_clock_start) / max(training, 1e-9), 1)
+    if len(run.step_seconds) >= 2:  # host time between timed steps: the step-time spread
+        deciles = statistics.quantiles(run.step_seconds, n=10)
+        result["step_seconds"] = {"p10": round(deciles[0], 4), "p50": round(deciles[4], 4),
+                                  "p90": round(deciles[8], 4)}
     run.log.emit("eval", eval_tokens=program.eval_tokens)
     t0 = time.monotonic()
     try:
@@ -166,6 +173,10 @@ def execute(program_path: Path, train_path: Path, data_dir: Path, out_dir: Path)
         run = api.begin(program, data_dir, log)
         run.started = t0
         run_train(train_path)
+        try:
+            api.check_last_loss(run)
+        except api.TrainingDiverged:
+            pass  # crash_reason is set
         if run.crash_reason:  # train.py caught our exception and carried on
             raise Crash(run.crash_reason)
         score(run, device, result)

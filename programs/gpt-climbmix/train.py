@@ -84,6 +84,8 @@ def attention(q, k, v, window, block_mask):
         pos = torch.arange(T, device=q.device)
         dist = pos[:, None] - pos[None, :]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=(dist >= 0) & (dist < window))
+    elif window >= q.size(2):  # full causal: PyTorch's fused kernels (cuDNN / flash) beat Flex here
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     else:
         y = flex_attention(q, k, v, block_mask=block_mask)
     return y.transpose(1, 2)
@@ -259,8 +261,8 @@ class Muon(torch.optim.Optimizer):
                 update = orthogonalize(grads.lerp_(buf, group["momentum"]))  # Nesterov
                 scale = max(1.0, shape[0] / shape[1]) ** 0.5
                 lr, wd = group["lr"], group["weight_decay"]
-                for p, u in zip(params, update.unbind(0)):
-                    p.mul_(1 - lr * wd).add_(u.to(p.dtype), alpha=-lr * scale)
+                torch._foreach_mul_(params, 1 - lr * wd)  # one launch per shape, not per matrix
+                torch._foreach_add_(params, list(update.to(params[0].dtype).unbind(0)), alpha=-lr * scale)
 
 
 def build_optimizers(model):
