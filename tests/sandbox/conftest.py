@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
 import textwrap
 import uuid
 from collections.abc import Callable, Iterator
@@ -128,13 +127,3 @@ def make_spec(tmp_path: Path, sandbox_image: str) -> SpecFactory:
     return make
 
 
-def pid_alive(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-PYTHON = sys.executable

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.sandbox.conftest import pid_alive
+from sandbox_testlib import pid_alive
 
 pytestmark = pytest.mark.anyio
 

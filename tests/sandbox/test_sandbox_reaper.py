@@ -12,7 +12,7 @@ import time
 import pytest
 
 from sandbox.hardening import Owner, container_kwargs
-from sandbox.reaper import judge, process_start
+from sandbox.reaper import judge, process_start, reap_periodically
 
 pytestmark = pytest.mark.anyio
 
@@ -93,8 +93,8 @@ async def test_reaper_leaves_live_runs_alone_and_kills_overdue_ones(docker_backe
             await task
 
 
-async def test_local_reaper_kills_the_process_group_of_a_killed_owner(local_backend, make_spec, tmp_path):
-    from tests.sandbox.conftest import pid_alive
+async def test_periodic_local_reaper_kills_the_process_group_of_a_killed_owner(local_backend, make_spec, tmp_path):
+    from sandbox_testlib import pid_alive
 
     spec = make_spec(SLEEPER, deadline_s=300)
     state = local_backend.config.state_dir
@@ -103,7 +103,15 @@ async def test_local_reaper_kills_the_process_group_of_a_killed_owner(local_back
     owner.wait()
     pid = int((spec.output_dir / "pid.txt").read_text())
     assert pid_alive(pid)  # orphaned, still running
-    reaped = await asyncio.to_thread(local_backend.reap)
+    reaped: list = []
+    task = asyncio.create_task(reap_periodically(local_backend, interval_s=0.1, on_reaped=reaped.append))
+    try:
+        for _ in range(50):
+            if reaped:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        task.cancel()
     assert [(r.run_id, r.reason) for r in reaped] == [(spec.run_id, "owner-gone")]
     for _ in range(50):
         if not pid_alive(pid):
