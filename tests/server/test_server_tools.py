@@ -1,5 +1,5 @@
 """The MCP tools through the official client, in memory: every bad input is rejected clearly and
-changes nothing. (Runs go through real stdio and real containers in test_e2e_stdio.py.)"""
+changes nothing. (Runs go through real stdio and real containers in test_server_e2e_stdio.py.)"""
 
 from __future__ import annotations
 
