@@ -65,9 +65,20 @@ def discover_gpus(timeout_s: float = 15.0) -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip().isdigit()]
 
 
+def _open_shared(path: Path) -> int:
+    """Open (creating) a lock file that servers of every user on the host can lock too."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        if os.fstat(fd).st_uid == os.getuid():
+            os.fchmod(fd, 0o666)  # the umask would have taken write access from the others
+    except OSError:
+        pass
+    return fd
+
+
 def _try_lock(path: Path) -> int | None:
     """An fd holding an exclusive flock on `path`, or None when someone else holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    fd = _open_shared(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -110,11 +121,13 @@ class SlotPool:
     # -- queue ---------------------------------------------------------------------------------
 
     def _take_ticket(self) -> tuple[int, int, Path]:
-        counter = self.root / "counter"
-        fd = os.open(counter, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        fd = _open_shared(self.root / "counter")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            seq = int(os.read(fd, 32) or b"0") + 1
+            try:
+                seq = int(os.read(fd, 32) or b"0") + 1
+            except ValueError:  # a torn write long ago: restart above every ticket in the queue
+                seq = 1 + max((int(p.name.split("-", 1)[0]) for p in self.tickets.glob("*.ticket")), default=0)
             os.lseek(fd, 0, os.SEEK_SET)
             os.ftruncate(fd, 0)
             os.write(fd, str(seq).encode())
@@ -143,7 +156,10 @@ class SlotPool:
             if fd is None:
                 ahead += 1
             else:  # its waiter died without cleaning up
-                path.unlink(missing_ok=True)
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError:
+                    pass  # another user's ticket in a sticky folder: ignored, it counts for nothing
                 _unlock(fd)
         return ahead
 

@@ -9,6 +9,7 @@ id). Not protected: the GPU driver and kernel attack surface, unless a runtime s
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,9 @@ def _gb(x: float) -> int:
 
 
 def container_name(run_id: str) -> str:
-    return f"autoresearch-{run_id}"
+    """A readable, host-unique name: run ids are unique only within a lab, and several labs (and
+    test sessions) share one engine. The run id proper is in the labels."""
+    return f"autoresearch-{run_id}-{secrets.token_hex(4)}"
 
 
 def container_kwargs(

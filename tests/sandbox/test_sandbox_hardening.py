@@ -64,6 +64,12 @@ def test_mounts_are_exactly_the_specs_plus_out():
     assert not any("docker.sock" in m["Source"] for m in kw["mounts"])
 
 
+def test_container_names_are_unique_per_start():
+    # two labs may both have a run "alice-0001" at the same time on one engine
+    a, b = (container_kwargs(spec(), user="1:1", owner=OWNER, deadline_unix=0)["name"] for _ in range(2))
+    assert a != b and a.startswith("autoresearch-r-1-")
+
+
 def test_labels_identify_project_run_owner_and_deadline():
     kw = container_kwargs(spec(), user="1:1", owner=OWNER, deadline_unix=1700000000.5)
     lab = kw["labels"]

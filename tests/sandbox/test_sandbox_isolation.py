@@ -14,7 +14,7 @@ import pytest
 
 from sandbox.models import Limits, Mount
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120, func_only=True)]  # a broken deadline fails fast
 
 
 @pytest.fixture()

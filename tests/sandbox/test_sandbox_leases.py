@@ -13,7 +13,7 @@ import pytest
 from sandbox.errors import LeaseError
 from sandbox.gpus import PoolConfig, SlotPool
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120, func_only=True)]  # a broken deadline fails fast
 
 
 def _pool(tmp_path, **kw) -> SlotPool:

@@ -14,7 +14,7 @@ import pytest
 from sandbox.hardening import Owner, container_kwargs
 from sandbox.reaper import judge, process_start, reap_periodically
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120, func_only=True)]  # a broken deadline fails fast
 
 # The owner: a separate server-like process that starts one long run and is then SIGKILLed,
 # so it never gets to clean up.

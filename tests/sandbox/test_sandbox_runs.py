@@ -10,7 +10,7 @@ import pytest
 
 from sandbox_testlib import pid_alive
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120, func_only=True)]  # a broken deadline fails fast
 
 KILL_SLACK_S = 2.0  # the issue's bound: killed within 2 s of the deadline
 
@@ -158,3 +158,11 @@ def test_local_backend_maps_container_paths_to_host_paths(local_backend, make_sp
     assert env["DATABASE"] == "/database"  # only whole path components are mapped
     assert env["CUDA_VISIBLE_DEVICES"] == ""
     assert json.dumps(env)  # plain strings only
+
+
+async def test_two_labs_may_run_the_same_run_id_at_once(docker_backend, make_spec):
+    """Run ids are unique per lab only; one engine serves several labs."""
+    a = make_spec("import time; time.sleep(1); print('a')")
+    b = make_spec("import time; time.sleep(1); print('b')").model_copy(update={"run_id": a.run_id})
+    out_a, out_b = await asyncio.gather(docker_backend.run(a), docker_backend.run(b))
+    assert (out_a.status, out_b.status) == ("ok", "ok"), (out_a.detail, out_b.detail)
