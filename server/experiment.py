@@ -194,14 +194,15 @@ class Experiments:
         program = self.lab.program()
         env = base_env()
         return RunSpec(
-            run_id=pending.record.run_id, image=self.image, command=list(COMMAND),
+            run_id=self.lab.sandbox_id(pending.record.run_id), image=self.image, command=list(COMMAND),
             mounts=[Mount(source=run_dir / "train.py", target="/work/train.py"),
                     Mount(source=run_dir / "program.toml", target="/work/program.toml"),
                     Mount(source=self.lab.data_dir.resolve(), target="/data"),
                     Mount(source=self.lab.cache_dir(pending.record.agent), target="/cache", read_only=False)],
             env=env, output_dir=out, log_path=log_path, gpu=gpu,
             deadline_s=program.budget_s + program.grace_s + self.lab.config.startup_allowance_s,
-            labels={"autoresearch.agent": pending.record.agent, "autoresearch.lab": str(self.lab.root)},
+            labels={"autoresearch.agent": pending.record.agent, "autoresearch.lab": str(self.lab.root),
+                    "autoresearch.run-id": pending.record.run_id},
         )
 
     async def _run_in_sandbox(self, pending: Pending) -> RunOutcome:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import os
 import re
 import tomllib
@@ -124,6 +125,11 @@ class Lab:
     @property
     def data_dir(self) -> Path:
         return Path(self.config.data_dir) if self.config.data_dir else self.root / "data"
+
+    def sandbox_id(self, run_id: str) -> str:
+        """The run's id for the sandbox (container names are host-wide): the ledger id plus a short
+        hash of this lab's path, so that two labs' `alice-0001` never collide."""
+        return f"{run_id}-{hashlib.sha1(str(self.root).encode()).hexdigest()[:8]}"
 
     def run_dir(self, run_id: str) -> Path:
         return self.root / "runs" / run_id

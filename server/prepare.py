@@ -108,7 +108,7 @@ async def _prepare_in_sandbox(lab: Lab, extra: list[str]) -> int:
 
     if "--path" in extra:
         raise InvalidArgumentError("--path (local documents) is read on the host: add --on-host")
-    run_id = f"prepare-{int(time.time())}"
+    run_id = lab.sandbox_id(f"prepare-{int(time.time())}")
     logs = lab.root / "runs" / run_id
     logs.mkdir(parents=True)
     spec = RunSpec(

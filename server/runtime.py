@@ -38,12 +38,13 @@ async def recover(lab: Lab, backend: Any) -> list[str]:
     reaped = await asyncio.to_thread(backend.reap)
     for item in reaped:
         logger.info("container_reaped", run_id=getattr(item, "run_id", item), reason=getattr(item, "reason", None))
-    reaped_ids = {getattr(item, "run_id", None) for item in reaped}
+    reaped_ids = {getattr(item, "run_id", None) for item in reaped}  # sandbox ids: see Lab.sandbox_id
     interrupted = []
     for rec in lab.ledger.live():
         if owner_alive(rec.owner_pid, rec.owner_start):
             continue
-        note = "the server stopped during the run" + ("; its container was reaped" if rec.run_id in reaped_ids else "")
+        reaped_note = "; its container was reaped" if lab.sandbox_id(rec.run_id) in reaped_ids else ""
+        note = "the server stopped during the run" + reaped_note
         if lab.ledger.finish(rec.run_id, "interrupted", detail=note):
             interrupted.append(rec.run_id)
             logger.warning("run_interrupted", run_id=rec.run_id, agent=rec.agent)

@@ -72,6 +72,7 @@ async def test_server_killed_mid_run_is_recovered_at_restart(make_lab, tiny_data
         assert result.structured_content["status"] == "ok" and result.structured_content["kept"]
     rows = ledger_rows(root)
     assert [(r.status, r.kept) for r in rows] == [("interrupted", False), ("ok", True)]
+    assert "container was reaped" in rows[0].detail
 
 
 async def _shrink_budget(client: Client, root) -> None:
