@@ -57,7 +57,8 @@ class Limits(_Frozen):
     """Resource limits for one run. Docker enforces all of them; local mode only the deadline."""
 
     memory_gb: float = Field(default=32.0, gt=0, description="Host RAM cap; swap is the same (no swap).")
-    pids: int = Field(default=1024, ge=16, description="Max processes+threads in the run (stops fork bombs).")
+    pids: int = Field(default=4096, ge=16, description="Max processes+threads in the run (stops fork bombs); "
+                      "threads count too, and torch.compile starts a pool of compile workers.")
     shm_gb: float = Field(default=8.0, gt=0, description="Size of /dev/shm (torch DataLoader workers use it).")
     tmpfs_gb: float = Field(default=4.0, gt=0, description="Size of the writable /tmp (RAM-backed).")
     log_cap_bytes: int = Field(

@@ -139,7 +139,7 @@ async def test_host_paths_and_environment_are_invisible(docker_backend, make_spe
     assert not any("leaked-if-you-see-this" in v for v in r["env"].values())
     assert r["env"]["VISIBLE"] == "yes"
     image_env = {"PATH", "HOSTNAME", "PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "HF_HUB_OFFLINE",
-                 "HOME", "NVIDIA_DRIVER_CAPABILITIES", "DEBIAN_FRONTEND", "LANG", "LC_CTYPE"}
+                 "HOME", "NVIDIA_DRIVER_CAPABILITIES", "DEBIAN_FRONTEND", "LANG", "LC_CTYPE", "USER", "LOGNAME"}
     assert set(r["env"]) <= set(spec.env) | image_env, set(r["env"]) - set(spec.env) - image_env
     assert r["secret"] is False and r["host_root"] is False
     assert r["docker_sock"] is False and r["run_docker_sock"] is False
@@ -318,3 +318,24 @@ async def test_links_and_pipes_in_out_cannot_make_the_host_read_its_own_files(do
     assert seen == []
     assert outcome.result is None
     assert "not a regular file" in outcome.detail
+
+
+async def test_configured_user_without_passwd_entry_can_write_out_and_cache(sandbox_image, make_spec, tmp_path):
+    """The run's uid need not exist in the image (a non-root server runs it as its own uid)."""
+    from sandbox.config import DockerBackendConfig
+    from sandbox.docker_backend import DockerBackend
+
+    cache = tmp_path / "cache"
+    (cache / "inductor").mkdir(parents=True)  # made by the server, as root
+    spec = make_spec("""
+        import getpass, json, os, sys
+        out = sys.argv[1]
+        open("/cache/inductor/k.bin", "w").write("x")
+        json.dump({"uid": os.getuid(), "user": getpass.getuser()}, open(f"{out}/result.json", "w"))
+    """, mounts=[Mount(source=cache, target="/cache", read_only=False)])
+    backend = DockerBackend(DockerBackendConfig(image=sandbox_image, user="4321:4321"))
+    outcome = await backend.run(spec)
+    assert outcome.status == "ok", outcome.log_tail
+    assert outcome.result == {"uid": 4321, "user": "sandbox"}
+    assert (spec.output_dir / "result.json").stat().st_uid == 4321
+    assert (cache / "inductor" / "k.bin").exists()
