@@ -38,6 +38,8 @@ PUBLIC_BASES: dict[str, str] = {
     "gpu": "nvidia/cuda:12.8.1-base-ubuntu24.04",
 }
 LOCAL_BASE = "autoresearch-base:bookworm"  # made by debootstrap when no registry answers
+# the Python of each default base (bookworm: 3.11, ubuntu 24.04: 3.12): offline wheels must match it
+PYTHON_VERSIONS: dict[str, str] = {"cpu": "3.11", "gpu": "3.12"}
 TORCH_SPEC = "torch==2.13.0"
 DEFAULT_WHEELHOUSE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "autoresearch-mcp" / "wheels"
 LABEL_INPUTS = "autoresearch-mcp.image-inputs"
@@ -221,6 +223,7 @@ def build_image(
     torch_spec: str = TORCH_SPEC,
     pip_flags: str = "",
     only_if_stale: bool = False,
+    python_version: str | None = None,
     repo_root: Path = REPO_ROOT,
     client: docker.DockerClient | None = None,
     on_progress: ProgressFn | None = None,
@@ -228,8 +231,9 @@ def build_image(
     """Build the sandbox image and return its tag.
 
     offline (default: True for cpu) installs every wheel from a host wheelhouse (`wheelhouse`, or a
-    cache folder filled by `pip download`). only_if_stale skips the build when an image with this tag
-    was built from the same inputs (Dockerfile, requirements, trainer/, build args).
+    cache folder filled by `pip download` for `python_version`, the base's Python). only_if_stale
+    skips the build when an image with this tag was built from the same inputs (Dockerfile,
+    requirements, trainer/, build args).
     """
     if flavor not in DEFAULT_TAGS:
         raise ImageBuildError(f"flavor must be 'cpu' or 'gpu', got {flavor!r}")
@@ -243,7 +247,9 @@ def build_image(
     if offline:
         buildargs["PIP_FLAGS"] = (pip_flags + " --no-index").strip()
         reqs = [torch_spec, *trainer_requirements(repo_root)]
-        wheelhouse = download_wheelhouse(wheelhouse or DEFAULT_WHEELHOUSE / flavor, reqs, on_progress=on_progress)
+        py = python_version or PYTHON_VERSIONS[flavor]
+        wheelhouse = download_wheelhouse(wheelhouse or DEFAULT_WHEELHOUSE / f"{flavor}-py{py}", reqs,
+                                         python_version=py, on_progress=on_progress)
     with tempfile.TemporaryDirectory(prefix="autoresearch-image-", dir=_tmp_near(wheelhouse)) as tmp:
         ctx = Path(tmp)
         _context(repo_root, ctx, wheelhouse if offline else None, torch_spec)
