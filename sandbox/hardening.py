@@ -92,6 +92,7 @@ def container_kwargs(
         "mem_limit": _gb(lim.memory_gb),
         "memswap_limit": _gb(lim.memory_gb),  # equal to mem_limit: no swap to hide in
         "shm_size": _gb(lim.shm_gb),
+        "ipc_mode": "private",  # its own IPC namespace and /dev/shm, never the host's or a neighbour's
         "ulimits": [Ulimit(name="core", soft=0, hard=0)],
         "oom_score_adj": 500,  # if the host itself runs short, the run goes before the server
         "init": True,  # an init as PID 1 reaps zombies and dies (taking everything) on kill

@@ -42,6 +42,8 @@ def test_cpu_run_is_locked_down():
     assert kw["pids_limit"] == 512
     assert kw["mem_limit"] == kw["memswap_limit"] == 48 * GB
     assert kw["shm_size"] == 16 * GB
+    assert kw["ipc_mode"] == "private"
+    assert "pid_mode" not in kw and "userns_mode" not in kw and "devices" not in kw
     assert kw["tmpfs"] == {"/tmp": f"rw,exec,nosuid,nodev,size={2 * GB},mode=1777"}
     assert Ulimit(name="core", soft=0, hard=0) in kw["ulimits"]
     assert kw["init"] is True

@@ -130,11 +130,15 @@ async def test_host_paths_and_environment_are_invisible(docker_backend, make_spe
                    "secret": can_read(secret), "docker_sock": os.path.exists("/var/run/docker.sock"),
                    "run_docker_sock": os.path.exists("/run/docker.sock"),
                    "host_root": can_read("/root/.bashrc"), "cap_eff": status["CapEff"].strip(),
+                   "shm_bytes": os.statvfs("/dev/shm").f_blocks * os.statvfs("/dev/shm").f_frsize,
+                   "tmp_bytes": os.statvfs("/tmp").f_blocks * os.statvfs("/tmp").f_frsize,
+                   "pid1": open("/proc/1/cmdline").read().split(chr(0))[0],
                    "no_new_privs": status["NoNewPrivs"].strip()},
                   open(f"{out}/result.json", "w"))
     """, args=[str(secret)], env={"VISIBLE": "yes"})
     outcome = await docker_backend.run(spec)
     r = outcome.result
+    assert r is not None, outcome.log_tail
     assert "AUTORESEARCH_HOST_SECRET" not in r["env"]
     assert not any("leaked-if-you-see-this" in v for v in r["env"].values())
     assert r["env"]["VISIBLE"] == "yes"
@@ -146,6 +150,9 @@ async def test_host_paths_and_environment_are_invisible(docker_backend, make_spe
     assert r["uid"] != 0 and r["gid"] != 0
     assert int(r["cap_eff"], 16) == 0
     assert r["no_new_privs"] == "1"
+    assert r["shm_bytes"] == spec.limits.shm_gb * (1 << 30)
+    assert r["tmp_bytes"] == spec.limits.tmpfs_gb * (1 << 30)
+    assert "init" in r["pid1"]  # docker-init as PID 1, our script below it
 
 
 async def test_docker_socket_is_never_mounted(docker_backend, make_spec):
