@@ -22,10 +22,10 @@ from sandbox.base import Backend, ProgressCallback, finish_despite_cancel, in_th
 from sandbox.config import DockerBackendConfig
 from sandbox.errors import ContainerError, EngineUnavailableError, ImageNotFoundError, SpecError
 from sandbox.hardening import (LABEL_DEADLINE, LABEL_OWNER_HOST, LABEL_OWNER_PID, LABEL_OWNER_START,
-                               LABEL_PROJECT, LABEL_RUN_ID, container_kwargs, container_name)
+                               LABEL_PROJECT, LABEL_RUN_ID, container_kwargs)
 from sandbox.models import Reaped, RunOutcome, RunSpec, RunStatus
 from sandbox.reaper import current_owner, judge
-from sandbox.runio import CappedLog, ProgressFollower, read_result
+from sandbox.runio import CappedLog, ProgressFollower, make_outcome
 
 log = structlog.get_logger("sandbox")
 
@@ -105,7 +105,7 @@ class DockerBackend(Backend):
                 container, output = await asyncio.shield(start)
             except ContainerError as e:
                 runlog.write(f"[sandbox] could not start the container: {e}\n".encode())
-                return self._outcome(spec, runlog, "infra-error", None, time.monotonic() - t0, str(e))
+                return make_outcome(spec, runlog, "infra-error", None, time.monotonic() - t0, str(e))
             log.info("container_started", run_id=spec.run_id, gpu=spec.gpu, container=container.short_id)
             follow_task = asyncio.create_task(follower.follow())
             pump = in_thread(_pump, output, runlog)
@@ -125,7 +125,7 @@ class DockerBackend(Backend):
                 follow_task.cancel()
             runlog.close()
         follower.drain()
-        return self._outcome(spec, runlog, status, code, wall, detail)
+        return make_outcome(spec, runlog, status, code, wall, detail)
 
     def _start(self, kwargs: dict) -> tuple[docker.models.containers.Container, Iterator[bytes]]:
         """Create, attach to stdout/stderr, start. Attaching first means no output is missed."""
@@ -183,15 +183,6 @@ class DockerBackend(Backend):
         await finish_despite_cancel(in_thread(_kill, container))
         await finish_despite_cancel(in_thread(_remove, container))
 
-    def _outcome(self, spec: RunSpec, runlog: CappedLog, status: RunStatus, code: int | None,
-                 wall: float, detail: str) -> RunOutcome:
-        result, why = read_result(spec.output_dir)
-        if result is None and status in ("ok", "crash"):
-            detail = f"{detail}; {why}"
-        log.info("run_finished", run_id=spec.run_id, status=status, exit_code=code, wall_s=round(wall, 3))
-        return RunOutcome(run_id=spec.run_id, status=status, exit_code=code, result=result,
-                          log_path=spec.log_path, log_tail=runlog.tail_text(), wall_s=wall, detail=detail,
-                          log_truncated=runlog.truncated)
 
     # -- reaping -------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from sandbox.config import LocalBackendConfig
 from sandbox.errors import SpecError
 from sandbox.models import OUTPUT_TARGET, Reaped, RunOutcome, RunSpec, RunStatus
 from sandbox.reaper import current_owner, judge, process_start
-from sandbox.runio import CappedLog, ProgressFollower, read_result
+from sandbox.runio import CappedLog, ProgressFollower, make_outcome
 
 log = structlog.get_logger("sandbox")
 
@@ -97,7 +97,7 @@ class LocalBackend(Backend):
         except OSError as e:
             runlog.write(f"[sandbox] could not start {argv[0]}: {e}\n".encode())
             runlog.close()
-            return self._outcome(spec, runlog, "infra-error", None, time.monotonic() - t0, str(e))
+            return make_outcome(spec, runlog, "infra-error", None, time.monotonic() - t0, str(e))
         _no_core_dumps(proc.pid)
         state = self._record(spec, proc.pid)
         follow_task = asyncio.create_task(follower.follow())
@@ -117,7 +117,7 @@ class LocalBackend(Backend):
             runlog.close()
             state.unlink(missing_ok=True)
         follower.drain()
-        return self._outcome(spec, runlog, status, code, wall, detail)
+        return make_outcome(spec, runlog, status, code, wall, detail)
 
     async def _supervise(self, proc, spec: RunSpec, t0: float) -> tuple[RunStatus, int | None, str]:
         rc = await _exited(proc, spec.deadline_s - (time.monotonic() - t0))
@@ -128,26 +128,20 @@ class LocalBackend(Backend):
         if rc == 0:
             return "ok", 0, "exit code 0"
         if rc < 0:
-            sig = signal.Signals(-rc).name
+            try:
+                sig = signal.Signals(-rc).name
+            except ValueError:
+                sig = f"signal {-rc}"
             extra = " (out of memory?)" if rc == -signal.SIGKILL else ""
             return "crash", 128 - rc, f"killed by {sig}{extra}"
         return "crash", rc, f"exit code {rc}"
 
-    def _outcome(self, spec: RunSpec, runlog: CappedLog, status: RunStatus, code: int | None,
-                 wall: float, detail: str) -> RunOutcome:
-        result, why = read_result(spec.output_dir)
-        if result is None and status in ("ok", "crash"):
-            detail = f"{detail}; {why}"
-        log.info("run_finished", run_id=spec.run_id, status=status, exit_code=code, wall_s=round(wall, 3))
-        return RunOutcome(run_id=spec.run_id, status=status, exit_code=code, result=result,
-                          log_path=spec.log_path, log_tail=runlog.tail_text(), wall_s=wall, detail=detail,
-                          log_truncated=runlog.truncated)
 
     # -- bookkeeping for the reaper ----------------------------------------------------------------
 
     def _record(self, spec: RunSpec, pid: int) -> Path:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
-        path = self.config.state_dir / f"{spec.run_id}.json"
+        path = self.config.state_dir / f"{spec.run_id}-{pid}.json"  # run ids repeat across labs
         path.write_text(json.dumps({
             "run_id": spec.run_id, "pgid": pid, "leader_start": process_start(pid),
             "owner_pid": self.owner.pid, "owner_start": self.owner.start, "owner_host": self.owner.host,

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import structlog
 
+from sandbox.models import RunOutcome, RunSpec, RunStatus
+
 log = structlog.get_logger("sandbox")
 
 RESULT_MAX_BYTES = 1 << 20  # result.json is a small summary; anything larger is not ours
@@ -195,3 +197,14 @@ def read_result(output_dir: Path) -> tuple[dict | None, str]:
     if not isinstance(data, dict):
         return None, "result.json is not a JSON object"
     return data, ""
+
+
+def make_outcome(spec: RunSpec, runlog: CappedLog, status: RunStatus, code: int | None, wall: float,
+                 detail: str) -> RunOutcome:
+    """The RunOutcome of a finished run (both backends): the result file, the log tail, the status."""
+    result, why = read_result(spec.output_dir)
+    if result is None and status in ("ok", "crash"):
+        detail = f"{detail}; {why}"
+    log.info("run_finished", run_id=spec.run_id, status=status, exit_code=code, wall_s=round(wall, 3))
+    return RunOutcome(run_id=spec.run_id, status=status, exit_code=code, result=result, log_path=spec.log_path,
+                      log_tail=runlog.tail_text(), wall_s=wall, detail=detail, log_truncated=runlog.truncated)
