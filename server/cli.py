@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     _lab_arg(p)
     p.add_argument("--backend", choices=["docker", "local"], help="new lab: sandbox backend (default docker)")
     p.add_argument("--image", help="new lab: sandbox image (default autoresearch-sandbox:cpu)")
+    p.add_argument("--runtime", help="new lab: OCI runtime for the containers, e.g. runsc (gVisor)")
     p.add_argument("--budget-s", type=float, help="new lab: override the program's training budget")
     p.add_argument("--data-dir", type=Path, help="new lab: prepared data folder (default LAB/data)")
     p.add_argument("--on-host", action="store_true",

@@ -16,17 +16,16 @@ logger = log.get("cli")
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.app import build_server  # noqa: PLC0415
-    from server.lab import Lab  # noqa: PLC0415
 
     if args.transport == "stdio":
         if not args.agent:
             raise InvalidArgumentError("stdio needs an agent name: --agent NAME or AUTORESEARCH_AGENT=NAME")
-        Lab(args.lab).close()  # a missing lab fails here, clearly, not inside the protocol loop
+        _preflight(args.lab)
         build_server(args.lab, stdio_agent=args.agent).run("stdio")
         return 0
     if args.tokens is None:
         raise InvalidArgumentError("http needs --tokens FILE mapping each bearer token to an agent name")
-    Lab(args.lab).close()
+    _preflight(args.lab)
     import uvicorn  # noqa: PLC0415
 
     url = f"http://{args.host}:{args.port}"
@@ -34,6 +33,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logger.info("http_serving", url=f"{url}/mcp")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def _preflight(root: Path) -> None:
+    """Fail here, with a one-line error, rather than inside the protocol loop: no lab, no Docker,
+    no image, a runtime that is not installed."""
+    from server.lab import Lab  # noqa: PLC0415
+    from server.runtime import make_runtime  # noqa: PLC0415
+
+    lab = Lab(root)
+    try:
+        make_runtime(lab)
+    finally:
+        lab.close()
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
@@ -80,7 +92,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         extra += ["--path", str(Path(path).resolve())]
     if args.force:
         extra.append("--force")
-    return prepare(args.lab, args.program, backend=args.backend, image=args.image, budget_s=args.budget_s,
+    return prepare(args.lab, args.program, backend=args.backend, image=args.image, runtime=args.runtime,
+                   budget_s=args.budget_s,
                    data_dir=args.data_dir, on_host=args.on_host, extra=extra)
 
 

@@ -40,17 +40,18 @@ class _Lines:
         self.bar.close()
 
 
-def open_or_create(root: Path, program: str, *, backend: str | None, image: str | None, budget_s: float | None,
-                   data_dir: Path | None) -> Lab:
+def open_or_create(root: Path, program: str, *, backend: str | None, image: str | None, runtime: str | None,
+                   budget_s: float | None, data_dir: Path | None) -> Lab:
     """The lab at `root`, made from `program` first if it is not a lab yet."""
     if not (root / "lab.json").exists():
         cfg: DockerBackendConfig | LocalBackendConfig = (
-            LocalBackendConfig() if backend == "local" else DockerBackendConfig(**({"image": image} if image else {})))
+            LocalBackendConfig() if backend == "local" else DockerBackendConfig(
+                **({"image": image} if image else {}), **({"runtime": runtime} if runtime else {})))
         create_lab(root, program, budget_s=budget_s, backend=cfg, data_dir=data_dir.resolve() if data_dir else None)
         print(f"created lab {root} from program {program}", file=sys.stderr)
     else:
-        if any(v is not None for v in (backend, image, budget_s, data_dir)):
-            raise InvalidArgumentError(f"{root} is already a lab: --backend/--image/--budget-s/--data-dir only apply "
+        if any(v is not None for v in (backend, image, runtime, budget_s, data_dir)):
+            raise InvalidArgumentError(f"{root} is already a lab: --backend/--image/--runtime/--budget-s/--data-dir apply only "
                                        "to a new lab (edit lab.json, or pick another --lab)")
     lab = Lab(root)
     if lab.config.program != program_dir(program).name:
@@ -60,9 +61,10 @@ def open_or_create(root: Path, program: str, *, backend: str | None, image: str 
 
 
 def prepare(root: Path, program: str, *, backend: str | None = None, image: str | None = None,
-            budget_s: float | None = None, data_dir: Path | None = None, on_host: bool = False,
+            runtime: str | None = None, budget_s: float | None = None, data_dir: Path | None = None, on_host: bool = False,
             extra: list[str] | None = None) -> int:
-    lab = open_or_create(Path(root), program, backend=backend, image=image, budget_s=budget_s, data_dir=data_dir)
+    lab = open_or_create(Path(root), program, backend=backend, image=image, runtime=runtime, budget_s=budget_s,
+                         data_dir=data_dir)
     try:
         lab.data_dir.mkdir(parents=True, exist_ok=True)
         extra = list(extra or [])
@@ -119,6 +121,7 @@ async def _prepare_in_sandbox(lab: Lab, extra: list[str]) -> int:
         log_path=logs / "log.txt", deadline_s=PREPARE_DEADLINE_S, limits=Limits(memory_gb=16.0),
     )
     backend = make_backend(lab.config.backend)
+    backend.check()
     bar = _Lines("prepare (sandbox)")
     try:
         if _needs_network(lab, extra):

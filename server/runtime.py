@@ -20,6 +20,7 @@ def make_runtime(lab: Lab) -> tuple[Any, Any]:
     from sandbox.config import make_backend  # noqa: PLC0415
 
     backend = make_backend(lab.config.backend)
+    backend.check()  # engine, image, runtime: say what is missing now, not at the first run
     pool = gpus.SlotPool(lab.config.pool)
     return backend, pool
 

@@ -55,6 +55,17 @@ def test_doctor_and_serve_say_what_is_missing(tmp_path):
 
 
 @pytest.mark.docker
+def test_serve_refuses_to_start_without_its_image(make_lab, docker_client):
+    root = make_lab(backend="docker")
+    cfg = json.loads((root / "lab.json").read_text())
+    cfg["backend"]["image"] = "autoresearch-sandbox:no-such-tag"
+    (root / "lab.json").write_text(json.dumps(cfg))
+    serve = cli("serve", "--lab", str(root), "--agent", "alice", timeout=60)
+    assert serve.returncode == 2
+    assert "no-such-tag" in serve.stderr and "build" in serve.stderr
+
+
+@pytest.mark.docker
 def test_prepare_downloads_climbmix_in_the_sandbox_image(tmp_path, docker_client, lab_containers):
     """The one step with network: climbmix shards fetched from inside the container (from a local
     HTTP server on the docker bridge, standing in for the Hugging Face hub)."""

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 
 import anyio
+import git
 import pytest
 from mcp import Client
-from server_helpers import ledger_rows, make_diff, open_dir, stdio_params, wait_until
+from server_helpers import IMAGE, ledger_rows, make_diff, open_dir, stdio_params, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.docker]
 
@@ -143,20 +145,26 @@ async def test_a_run_past_its_deadline_is_a_timeout_with_its_log(make_lab, tiny_
 
 
 async def test_a_broken_sandbox_is_an_infra_error_not_a_result(make_lab, tiny_data, docker_client):
+    """The image vanishes after the server started: the run is an infra-error (not the agent's
+    result), nothing is committed, and the agent's lock is free again."""
+    tag = f"autoresearch-sandbox:vanishing-{secrets.token_hex(3)}"
+    docker_client.images.get(IMAGE).tag(tag)  # a private tag: removing it leaves the shared image
     root = make_lab(backend="docker", data_dir=open_dir(tiny_data))
-    lab_json = root / "lab.json"
-    cfg = json.loads(lab_json.read_text())
-    cfg["backend"]["image"] = "autoresearch-sandbox:no-such-tag"
-    lab_json.write_text(json.dumps(cfg))
+    cfg = json.loads((root / "lab.json").read_text())
+    cfg["backend"]["image"] = tag
+    (root / "lab.json").write_text(json.dumps(cfg))
     async with Client(stdio_params(root, "alice"), read_timeout_seconds=600) as client:
-        result = await client.call_tool("run_experiment", {"description": "no image"})
+        docker_client.images.remove(tag)
+        result = await client.call_tool("run_experiment", {"description": "the image is gone"})
         assert not result.is_error, result.content[0].text
         r = result.structured_content
         assert (r["status"], r["decision"], r["commit"], r["kept"]) == ("infra-error", None, None, False)
-        assert "no-such-tag" in r["reason"]
+        assert tag in r["reason"]
         text = (await client.call_tool("read_train", {})).structured_content["text"]
         again = await client.call_tool("apply_patch", {"diff": make_diff(text, "LR = ", "LR = 5e-3")})
-        assert not again.is_error  # the agent's lock was released
+        assert not again.is_error, again.content[0].text  # the agent's lock was released
     [row] = ledger_rows(root)
     assert row.status == "infra-error" and row.commit is None
     assert not (root / "results" / "alice.tsv").exists()
+    assert [c.hexsha for c in git.Repo(root / "repo").iter_commits("autoresearch/alice")] == [
+        git.Repo(root / "repo").commit("main").hexsha]
