@@ -122,22 +122,18 @@ async def _prepare_in_sandbox(lab: Lab, extra: list[str]) -> int:
     )
     backend = make_backend(lab.config.backend)
     backend.check()
+    # Only the climbmix download may reach the network: same hardening, bridge network (trusted code).
+    run = backend.run_with_network if _needs_network(lab, extra) else backend.run
     bar = _Lines("prepare (sandbox)")
+    follow = asyncio.create_task(_follow_log(spec.log_path, bar))
     try:
-        if _needs_network(lab, extra):
-            code = await asyncio.to_thread(_run_with_network, backend, spec, bar)
-        else:
-            follow = asyncio.create_task(_follow_log(spec.log_path, bar))
-            try:
-                outcome = await backend.run(spec)
-            finally:
-                follow.cancel()
-            code = 0 if outcome.status == "ok" else 1
-            if code:
-                print(outcome.log_tail, file=sys.stderr)
+        outcome = await run(spec)
     finally:
+        follow.cancel()
         bar.close()
-    return code
+    if outcome.status != "ok":
+        print(outcome.log_tail, file=sys.stderr)
+    return 0 if outcome.status == "ok" else 1
 
 
 async def _follow_log(path: Path, bar: _Lines) -> None:
@@ -153,36 +149,6 @@ async def _follow_log(path: Path, bar: _Lines) -> None:
             offset += cut
             for line in data[:cut].decode(errors="replace").splitlines():
                 bar(line)
-
-
-def _run_with_network(backend, spec, bar: _Lines) -> int:  # noqa: ANN001 - a DockerBackend
-    """The one step that may reach the network: the sandbox's hardening, but a bridge network.
-
-    The sandbox runs experiments with no network at all and offers no switch; data download is
-    trusted code, so this narrow exception builds the container from the same hardening function.
-    """
-    from sandbox.hardening import container_kwargs  # noqa: PLC0415
-
-    backend._prepare(spec)  # noqa: SLF001 - hands /out to the container user
-    kwargs = container_kwargs(spec, user=backend.user, owner=backend.owner,
-                              deadline_unix=time.time() + spec.deadline_s)
-    kwargs["network_mode"] = "bridge"
-    try:
-        container, output = backend._start(kwargs)  # noqa: SLF001 - create, attach, start
-    except Exception as e:  # noqa: BLE001 - the sandbox's ContainerError
-        raise LabError(f"could not start the prepare container: {e}") from e
-    try:
-        with spec.log_path.open("wb") as f:
-            for chunk in output:
-                f.write(chunk)
-                for line in chunk.decode(errors="replace").splitlines():
-                    bar(line)
-        code = container.wait(timeout=spec.deadline_s)["StatusCode"]
-    finally:
-        container.remove(force=True)
-    if code != 0:
-        print(spec.log_path.read_text(errors="replace")[-4000:], file=sys.stderr)
-    return int(code)
 
 
 def build_image(flavor: str, tag: str | None, online: bool) -> int:
