@@ -184,6 +184,24 @@ class History:
             wt.git.reset("--hard", base)  # the seed's `git reset`: train.py returns to the best
         return sha
 
+    def committed_attempt(self, agent: str, run_id: str) -> str | None:
+        """The commit a run already got, if any: its attempt ref, else the branch head carrying its
+        Run-Id (a server that died between the commit and the ref); the ref is then made."""
+        sha = self.attempt(run_id)
+        if sha is None:
+            head = self.log(self.head(agent))[0]
+            if head.trailers.get("Run-Id") != run_id:
+                return None
+            sha = head.sha
+            self.repo.git.update_ref(ATTEMPT_PREFIX + run_id, sha)
+        return sha
+
+    def drop_attempt(self, agent: str, sha: str) -> None:
+        """Finish a discard a dead server left half done: the branch must not keep `sha`."""
+        wt = self._wt(agent)
+        if wt.head.commit.hexsha == sha:
+            wt.git.reset("--hard", f"{sha}^")
+
     def log(self, ref: str) -> list[CommitInfo]:
         """Commits reachable from `ref`, newest first, with their trailers."""
         out = []

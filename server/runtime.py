@@ -8,8 +8,9 @@ import asyncio
 from typing import Any
 
 from server import log
-from server.lab import Lab
+from server.lab import Lab, write_results_row
 from server.ledger import owner_alive
+from server.models import RunRecord
 
 logger = log.get("runtime")
 
@@ -44,9 +45,41 @@ async def recover(lab: Lab, backend: Any) -> list[str]:
     for rec in lab.ledger.live():
         if owner_alive(rec.owner_pid, rec.owner_start):
             continue
+        if await lab.git(_finish_from_commit, lab, rec):
+            continue
         reaped_note = "; its container was reaped" if lab.sandbox_id(rec.run_id) in reaped_ids else ""
         note = "the server stopped during the run" + reaped_note
         if lab.ledger.finish(rec.run_id, "interrupted", detail=note):
             interrupted.append(rec.run_id)
             logger.warning("run_interrupted", run_id=rec.run_id, agent=rec.agent)
     return interrupted
+
+
+def _finish_from_commit(lab: Lab, rec: RunRecord) -> bool:
+    """A server that died after committing a run had already decided it: the commit's trailers are
+    the decision. Finish the row from them and the run's result.json, complete a discard's reset,
+    and write the results row, so git, ledger and results.tsv agree. False if nothing was committed.
+    """
+    from sandbox.runio import read_result  # noqa: PLC0415
+
+    sha = lab.history.committed_attempt(rec.agent, rec.run_id)
+    if sha is None:
+        return False
+    trailers = lab.history.log(sha)[0].trailers
+    decision = trailers.get("Status", "crash")
+    val = None if trailers.get("Val-BPB", "none") == "none" else float(trailers["Val-BPB"])
+    keep = decision == "keep"
+    if not keep:
+        lab.history.drop_attempt(rec.agent, sha)
+    result = read_result(lab.run_dir(rec.run_id) / "out")[0] or {}
+    best = lab.ledger.best(rec.agent)
+    delta = val - best.val_bpb if val is not None and best is not None and best.val_bpb is not None else None
+    fields = {k: result.get(k) for k in ("training_seconds", "total_seconds", "peak_memory_mb", "num_steps")}
+    fields = {k: v if isinstance(v, (int, float)) and not isinstance(v, bool) else None for k, v in fields.items()}
+    status = "ok" if decision in ("keep", "discard") else decision
+    if lab.ledger.finish(rec.run_id, status, decision=decision, val_bpb=val, delta=delta, kept=keep, commit=sha,
+                         detail="recorded at restart: the server stopped after committing this run", **fields):
+        write_results_row(lab.results_path(rec.agent), sha, val, fields["peak_memory_mb"], decision,
+                          rec.description)
+        logger.warning("run_recovered_from_commit", run_id=rec.run_id, decision=decision, commit=sha)
+    return True
