@@ -21,9 +21,21 @@ def unigram_logprobs(train_counts: np.ndarray, token_bytes: np.ndarray) -> np.nd
 
 def unigram_bpb(train_counts: np.ndarray, token_bytes: np.ndarray, targets: np.ndarray) -> float:
     """Bits per byte of the unigram model on `targets` (any shape of token ids)."""
+    return unigram_bpb_of_histogram(train_counts, token_bytes, target_histogram([targets], len(token_bytes)))
+
+
+def target_histogram(batches, vocab_size: int) -> np.ndarray:
+    """How often each token id occurs over `batches` (arrays of ids, any shapes)."""
+    hist = np.zeros(vocab_size, dtype=np.int64)
+    for batch in batches:
+        hist += np.bincount(np.asarray(batch).reshape(-1), minlength=vocab_size)
+    return hist
+
+
+def unigram_bpb_of_histogram(train_counts: np.ndarray, token_bytes: np.ndarray, hist: np.ndarray) -> float:
+    """unigram_bpb from target counts per id: the same sums, a histogram instead of a gather of
+    every target (a gather over 21 M eval targets took over a second of the eval's CPU time)."""
     logp = unigram_logprobs(train_counts, token_bytes)
-    targets = np.asarray(targets).reshape(-1)
-    nbytes = token_bytes[targets]
-    keep = nbytes > 0
-    nats = -logp[targets[keep]].sum()
-    return float(nats / (math.log(2) * nbytes[keep].sum()))
+    keep = token_bytes > 0
+    nats = -(hist[keep] * logp[keep]).sum()
+    return float(nats / (math.log(2) * (hist[keep] * token_bytes[keep]).sum()))

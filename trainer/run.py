@@ -19,6 +19,7 @@ import resource
 import runpy
 import statistics
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -50,17 +51,31 @@ def tail(exc: BaseException) -> str:
     return text[-TRACEBACK_CHARS:]
 
 
-def setup_torch(program: ProgramConfig):
+def setup_torch(program: ProgramConfig, t0: float):
     import torch
 
+    print(f"harness: torch imported {time.monotonic() - t0:.2f} s after start", flush=True)
     if program.device == "cuda" and not torch.cuda.is_available():
         raise Crash("this program needs a CUDA GPU but none is visible")
     if program.cpu_threads:
         torch.set_num_threads(program.cpu_threads)
-    torch.manual_seed(program.seed)
+    torch.manual_seed(program.seed)  # before the CUDA thread: its seed call is queued for the init
     if program.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        # The CUDA context is made in the background, so train.py's first lines (importing the
+        # compile stack, defining the model) overlap it; torch's lazy init is lock-protected.
+        threading.Thread(target=warm_cuda, args=(t0,), daemon=True, name="cuda-init").start()
     return torch.device(program.device)
+
+
+def warm_cuda(t0: float) -> None:
+    import torch
+
+    try:
+        torch.empty(1, device="cuda")
+        torch.cuda.reset_peak_memory_stats()  # a run in-process after another starts from zero
+        print(f"harness: CUDA ready {time.monotonic() - t0:.2f} s after start", flush=True)
+    except Exception as e:  # noqa: BLE001 — train.py's first CUDA call raises it again, as a crash
+        print(f"harness: CUDA init failed: {e}", flush=True)
 
 
 def run_train(path: Path) -> None:
@@ -169,7 +184,7 @@ def execute(program_path: Path, train_path: Path, data_dir: Path, out_dir: Path)
             raise Crash(f"{train_path}: train.py not found")
         if not (data_dir / "meta.json").is_file():
             raise Crash(f"{data_dir} holds no prepared data (no meta.json): run trainer.prepare first")
-        device = setup_torch(program)
+        device = setup_torch(program, t0)
         run = api.begin(program, data_dir, log)
         run.started = t0
         run_train(train_path)

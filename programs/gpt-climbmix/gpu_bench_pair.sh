@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Before/after on one GPU host in one call (issue 5): prepare the local corpus as gpu_local_run.sh
+# does, then `trainer.bench run` each side (cold, then warm) with its own harness and train.py,
+# so both columns come from the same card. A tar of the bench folders (no compile caches) is
+# written after each side, so a run cut short still returns what finished.
+#   usage: programs/gpt-climbmix/gpu_bench_pair.sh OUT_DIR BUDGET_S BEFORE_TREE   (from the repo root)
+# BEFORE_TREE holds an older trainer/ and programs/gpt-climbmix/, e.g. made with
+#   git archive OLD trainer programs/gpt-climbmix | tar -x -C BEFORE_TREE
+# Bench programs keep the program's full eval_tokens (the validation rows repeat on this corpus).
+set -euo pipefail
+OUT=$(mkdir -p "${1:?usage: $0 OUT_DIR BUDGET_S BEFORE_TREE}" && cd "$1" && pwd)
+BUDGET=${2:?budget seconds}
+BEFORE=$(cd "${3:?before tree}" && pwd)
+PY=${PYTHON:-python3}
+WORK=${WORK:-/tmp/gpt-climbmix-local}
+mkdir -p "$WORK"
+STDLIB=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+SITE=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+DATA_BLOCK=$'[data]\nkind = "local"\nval_fraction = 0.1\nmax_bytes = 200_000_000'
+
+# The data, exactly as gpu_local_run.sh prepares it.
+{ sed -e 's/^budget_s = .*/budget_s = 300/' -e 's/^eval_tokens = .*/eval_tokens = 6_291_456/' \
+      -e 's/^tokenizer_train_chars = .*/tokenizer_train_chars = 100_000_000/' -e '/^\[data\]/,$d' \
+      programs/gpt-climbmix/program.toml; echo "$DATA_BLOCK"; } > "$WORK/prepare.toml"
+echo "== prepare"
+$PY -m trainer.prepare --program "$WORK/prepare.toml" --data-dir "$WORK/data" \
+    --path "$SITE" --path "$STDLIB" --glob '**/*.py' > "$OUT/prepare.log" 2>&1
+tail -3 "$OUT/prepare.log"
+
+bench() {  # $1: side name, $2: tree whose trainer/ and program.toml are used
+  { sed -e 's/^tokenizer_train_chars = .*/tokenizer_train_chars = 100_000_000/' -e '/^\[data\]/,$d' \
+        "$2/programs/gpt-climbmix/program.toml"; echo "$DATA_BLOCK"; } > "$WORK/$1.toml"
+  echo "== bench $1 ($2)"
+  (cd "$2" && $PY -m trainer.bench run --program "$WORK/$1.toml" --data "$WORK/data" \
+      --train "$2/programs/gpt-climbmix/train.py" --budget-s "$BUDGET" --out "$WORK/bench-$1")
+  tar --exclude='cache-*' -czf "$OUT/bench.tgz" -C "$WORK" $(cd "$WORK" && ls -d bench-*)
+}
+bench before "$BEFORE"
+bench after "$PWD"
