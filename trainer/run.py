@@ -19,7 +19,6 @@ import resource
 import runpy
 import statistics
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -59,23 +58,11 @@ def setup_torch(program: ProgramConfig, t0: float):
         raise Crash("this program needs a CUDA GPU but none is visible")
     if program.cpu_threads:
         torch.set_num_threads(program.cpu_threads)
-    torch.manual_seed(program.seed)  # before the CUDA thread: its seed call is queued for the init
+    torch.manual_seed(program.seed)
     if program.device == "cuda":
-        # The CUDA context is made in the background, so train.py's first lines (importing the
-        # compile stack, defining the model) overlap it; torch's lazy init is lock-protected.
-        threading.Thread(target=warm_cuda, args=(t0,), daemon=True, name="cuda-init").start()
-    return torch.device(program.device)
-
-
-def warm_cuda(t0: float) -> None:
-    import torch
-
-    try:
-        torch.empty(1, device="cuda")
-        torch.cuda.reset_peak_memory_stats()  # a run in-process after another starts from zero
+        torch.cuda.reset_peak_memory_stats()
         print(f"harness: CUDA ready {time.monotonic() - t0:.2f} s after start", flush=True)
-    except Exception as e:  # noqa: BLE001 — train.py's first CUDA call raises it again, as a crash
-        print(f"harness: CUDA init failed: {e}", flush=True)
+    return torch.device(program.device)
 
 
 def run_train(path: Path) -> None:
