@@ -14,7 +14,7 @@ import pytest
 
 from server_helpers import IMAGE, PROGRAM, REPO, TEST_BUDGET_S
 
-from server.lab import create_lab, program_dir
+from server.lab import Lab, create_lab, program_dir
 
 
 @pytest.fixture
@@ -56,6 +56,14 @@ def make_lab(tmp_path, slots_dir):
         return root
 
     return make
+
+
+@pytest.fixture
+def lab(make_lab):
+    """An open lab with the local backend."""
+    lab = Lab(make_lab())
+    yield lab
+    lab.close()
 
 
 @pytest.fixture(scope="session")

@@ -17,13 +17,6 @@ pytestmark = pytest.mark.anyio
 PROGRAM_NAME = Path(PROGRAM).name
 
 
-@pytest.fixture
-def lab(make_lab):
-    lab = Lab(make_lab())
-    yield lab
-    lab.close()
-
-
 def one_line_diff(text: str, old: str, new: str) -> str:
     """A unified diff (difflib, 3 lines of context) replacing the first line equal to `old`."""
     lines = text.splitlines(keepends=True)

@@ -14,13 +14,6 @@ from server.runtime import make_runtime, recover
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def lab(make_lab):
-    lab = Lab(make_lab())
-    yield lab
-    lab.close()
-
-
 def orphan_run(lab: Lab, agent: str, description: str) -> str:
     """A `running` row whose server is gone (its owner start time no longer matches)."""
     lab.history.ensure_agent(agent)
