@@ -128,13 +128,15 @@ def bench_run(args: argparse.Namespace) -> None:
     if args.budget_s is not None:
         text = re.sub(r"(?m)^budget_s\s*=.*$", f"budget_s = {args.budget_s}", text)
     program.write_text(text)
+    names = [Path(t).name for t in args.train]
+    if len(set(names)) < len(names):  # two files called train.py: tell them apart by path
+        names = list(args.train)
     columns = []
     for i, train in enumerate(args.train):
         cache = out / f"cache-{i}"  # one cache per file, as each agent has its own
         runs = [harness_run(program, Path(train), Path(args.data), out / f"{i}-{kind}", cache)
                 for kind in ("cold", "warm")]
-        columns.append((Path(train).name if len(set(map(lambda t: Path(t).name, args.train))) ==
-                        len(args.train) else train, *runs))
+        columns.append((names[i], *runs))
         print(f"{train}: cold {runs[0]['status']}, warm {runs[1]['status']}", flush=True)
     (out / "bench.json").write_text(json.dumps(
         [{"train": name, "cold": c, "warm": w} for name, c, w in columns], indent=2))
