@@ -4,12 +4,16 @@ Usage:
     python -m trainer.bench loader --data DIR [--batch 128 --seq 2048 --seconds 10]
     python -m trainer.bench loader --synthetic [--mean-doc 700]   # web-like document lengths
     python -m trainer.bench run --program P.toml --data DIR --train A.py [--train B.py] [--budget-s 60]
+    python -m trainer.bench profile --program P.toml --data DIR --train A.py [--skip 12 --steps 3]
 
 `loader` prints tokens/s of the packer+gather (numpy batches) and, with --device, of the full
 loader (pinned copy to the device included). `run` trains each train.py through the harness
 twice, back to back — cold (empty compile cache) then warm (the same cache) — and prints one
 column per file: tokens/s, step-time spread, MFU, overhead cold and warm, eval seconds, peak
-memory and val_bpb, so ratios are measured side by side on one machine.
+memory and val_bpb, so ratios are measured side by side on one machine. `profile` runs one
+train.py in this process under the harness, records a few steady steps with torch.profiler and
+prints where the device time goes (kernel families and the top kernels, ms per step), then what
+compilation cost (dynamo's phase times and the compile-cache hits and misses).
 """
 
 from __future__ import annotations
@@ -147,6 +151,94 @@ def bench_run(args: argparse.Namespace) -> None:
     print(f"(budget {args.budget_s or 'as the program says'} s; logs and results in {out})")
 
 
+KERNEL_FAMILIES = [  # (family, name fragments), first match wins; lower-case
+    ("attention: flex", ("flex_attention", "triton_tem_")),
+    ("attention: fused sdpa", ("flash", "fmha", "sdpa", "cudnn")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "wgmma")),
+    ("inductor pointwise/reduction", ("triton_poi", "triton_red", "triton_per")),
+    ("optimizer (foreach)", ("multi_tensor", "foreach")),
+    ("copy / fill", ("memcpy", "memset", "copy", "fill")),
+]
+
+
+def kernel_family(name: str) -> str:
+    low = name.lower()
+    return next((fam for fam, parts in KERNEL_FAMILIES if any(p in low for p in parts)), "other")
+
+
+def bench_profile(args: argparse.Namespace) -> None:
+    """Profile steps skip..skip+steps of one train.py under the harness (this process)."""
+    import collections
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import trainer
+    from trainer import api
+    from trainer import run as harness
+
+    out = Path(args.out or tempfile.mkdtemp(prefix="profile-"))
+    out.mkdir(parents=True, exist_ok=True)
+    program = out / "program.toml"
+    text = Path(args.program).read_text()
+    if args.budget_s is not None:
+        text = re.sub(r"(?m)^budget_s\s*=.*$", f"budget_s = {args.budget_s}", text)
+    program.write_text(text)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    prof = profile(activities=activities)
+    window = {}
+    real_step = api.step
+
+    def step(loss):  # the step count before this call is the number of finished steps
+        done = api._RUN.steps + 1
+        if done == args.skip:
+            sync()
+            prof.start()
+            window["t0"] = time.perf_counter()
+        elif done == args.skip + args.steps and "t0" in window:
+            sync()
+            window["wall"] = time.perf_counter() - window.pop("t0")
+            prof.stop()
+        return real_step(loss)
+
+    trainer.step = step  # train.py calls trainer.step: the package attribute wins over __getattr__
+    try:
+        result = harness.execute(program, Path(args.train), Path(args.data), out / "run")
+    finally:
+        del trainer.step
+    print(f"run: {result['status']} {result['reason'] or ''} startup {result['startup_seconds']} s, "
+          f"eval {result['eval_seconds']} s, tokens/s {result['tokens_per_s']}, MFU {result['mfu_percent']}")
+    if "wall" not in window:
+        print(f"no profile: the run made {result['num_steps']} steps, fewer than {args.skip + args.steps}")
+    else:
+        kernels = collections.Counter()
+        for evt in prof.events():
+            if evt.device_type == torch.autograd.DeviceType.CUDA:
+                kernels[evt.name] += evt.time_range.elapsed_us() / 1e3 / args.steps
+        wall_ms = 1e3 * window["wall"] / args.steps
+        families = collections.Counter()
+        for name, ms in kernels.items():
+            families[kernel_family(name)] += ms
+        busy = sum(kernels.values())
+        print(f"\nprofiled steps {args.skip}..{args.skip + args.steps - 1}: {wall_ms:.1f} ms per step "
+              f"wall, {busy:.1f} ms of kernels ({100 * busy / wall_ms:.1f} % busy)")
+        for fam, ms in families.most_common():
+            print(f"  {fam:32} {ms:8.1f} ms/step {100 * ms / wall_ms:6.1f} %")
+        print(f"\ntop kernels (ms per step, calls per step):")
+        calls = collections.Counter(evt.name for evt in prof.events()
+                                    if evt.device_type == torch.autograd.DeviceType.CUDA)
+        for name, ms in kernels.most_common(args.top):
+            print(f"  {ms:8.2f} {calls[name] / args.steps:6.1f}  {name[:110]}")
+        prof.export_chrome_trace(str(out / "trace.json"))
+    from torch._dynamo.utils import compile_times, counters
+
+    print("\ncompile phases (dynamo, seconds over the run):")
+    print(compile_times(repr="str", aggregate=True))
+    print("cache counters:", {k: dict(v) for k, v in counters.items()
+                              if k in ("inductor", "aot_autograd") and v})
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m trainer.bench")
     sub = ap.add_subparsers(dest="what", required=True)
@@ -164,8 +256,17 @@ def main(argv: list[str] | None = None) -> None:
     ru.add_argument("--train", required=True, action="append", help="a train.py (repeat to compare)")
     ru.add_argument("--budget-s", type=float, help="override the program's training budget")
     ru.add_argument("--out", help="folder for logs and bench.json (default: a new temp folder)")
+    pr = sub.add_parser("profile", help="where one train.py's step time and compile time go")
+    pr.add_argument("--program", required=True, help="program.toml")
+    pr.add_argument("--data", required=True, help="the prepared data folder")
+    pr.add_argument("--train", required=True, help="the train.py to profile")
+    pr.add_argument("--budget-s", type=float, help="override the program's training budget")
+    pr.add_argument("--skip", type=int, default=12, help="first profiled step (1-based)")
+    pr.add_argument("--steps", type=int, default=3, help="how many steps to profile")
+    pr.add_argument("--top", type=int, default=25, help="how many kernels to list")
+    pr.add_argument("--out", help="folder for the run, program.toml and trace.json")
     args = ap.parse_args(argv)
-    (bench_loader if args.what == "loader" else bench_run)(args)
+    {"loader": bench_loader, "run": bench_run, "profile": bench_profile}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -48,10 +48,10 @@ def evaluate_bpb(model, rows: list[torch.Tensor], token_bytes: torch.Tensor,
         check_logits(logits, y, token_bytes.numel())
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
                                reduction="none")
-        b = token_bytes[y.reshape(-1)]
-        keep = b > 0
-        nats += loss[keep].double().sum()
-        nbytes += b[keep].double().sum()
+        b = token_bytes[y.reshape(-1)]  # 0 for special tokens
+        # where, not boolean indexing: indexing waits for the GPU on every batch
+        nats += torch.where(b > 0, loss.double(), 0.0).sum()
+        nbytes += b.double().sum()
     return float(nats / (math.log(2) * nbytes))
 
 # ---------------------------------------------------------------------------------------------

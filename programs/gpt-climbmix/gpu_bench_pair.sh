@@ -3,7 +3,8 @@
 # does, then `trainer.bench run` each side (cold, then warm) with its own harness and train.py,
 # so both columns come from the same card. A tar of the bench folders (no compile caches) is
 # written after each side, so a run cut short still returns what finished.
-#   usage: programs/gpt-climbmix/gpu_bench_pair.sh OUT_DIR BUDGET_S BEFORE_TREE   (from the repo root)
+#   usage: programs/gpt-climbmix/gpu_bench_pair.sh OUT_DIR BUDGET_S BEFORE_TREE [MORE_TRAIN.py ...]
+# (from the repo root; MORE_TRAIN files are benched as further columns with this tree's harness)
 # BEFORE_TREE holds an older trainer/ and programs/gpt-climbmix/, e.g. made with
 #   git archive OLD trainer programs/gpt-climbmix | tar -x -C BEFORE_TREE
 # Bench programs keep the program's full eval_tokens (the validation rows repeat on this corpus).
@@ -26,14 +27,20 @@ echo "== prepare"
 $PY -m trainer.prepare --program "$WORK/prepare.toml" --data-dir "$WORK/data" \
     --path "$SITE" --path "$STDLIB" --glob '**/*.py' > "$OUT/prepare.log" 2>&1
 tail -3 "$OUT/prepare.log"
+$PY -m trainer.bench loader --data "$WORK/data" --seconds 3 --device cuda 2>&1 | tee "$OUT/loader.log"
 
-bench() {  # $1: side name, $2: tree whose trainer/ and program.toml are used
+bench() {  # $1: side name, $2: tree whose trainer/ and program.toml are used, then more train.py
   { sed -e 's/^tokenizer_train_chars = .*/tokenizer_train_chars = 100_000_000/' -e '/^\[data\]/,$d' \
         "$2/programs/gpt-climbmix/program.toml"; echo "$DATA_BLOCK"; } > "$WORK/$1.toml"
-  echo "== bench $1 ($2)"
-  (cd "$2" && $PY -m trainer.bench run --program "$WORK/$1.toml" --data "$WORK/data" \
-      --train "$2/programs/gpt-climbmix/train.py" --budget-s "$BUDGET" --out "$WORK/bench-$1")
+  echo "== bench $1 ($2 ${*:3})"
+  local side=$1 tree=$2 more=() f
+  shift 2
+  for f in "$@"; do more+=(--train "$f"); done
+  (cd "$tree" && $PY -m trainer.bench run --program "$WORK/$side.toml" --data "$WORK/data" \
+      --train "$tree/programs/gpt-climbmix/train.py" "${more[@]}" --budget-s "$BUDGET" --out "$WORK/bench-$side")
   tar --exclude='cache-*' -czf "$OUT/bench.tgz" -C "$WORK" $(cd "$WORK" && ls -d bench-*)
 }
+MORE=()
+for f in "${@:4}"; do MORE+=("$(cd "$(dirname "$f")" && pwd)/$(basename "$f")"); done
 bench before "$BEFORE"
-bench after "$PWD"
+bench after "$PWD" "${MORE[@]}"

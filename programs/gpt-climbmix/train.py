@@ -46,6 +46,7 @@ WARMUP_FRAC = 0.0           # fraction of the budget spent warming the learning 
 WARMDOWN_FRAC = 0.5         # linear decay over the last half of the budget
 FINAL_LR_FRAC = 0.0         # learning rate at the very end, as a fraction of the peak
 COMPILE = cfg.device == "cuda"
+ACTIVATION_DTYPE = torch.bfloat16 if cfg.device == "cuda" else torch.float32  # weights stay fp32
 
 MODEL_DIM = -(-DEPTH * ASPECT_RATIO // HEAD_DIM) * HEAD_DIM
 N_HEAD = MODEL_DIM // HEAD_DIM
@@ -204,7 +205,7 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None):
         T = idx.size(1)
         cos, sin = self.cos[:, :T], self.sin[:, :T]
-        x = x0 = norm(self.wte(idx))
+        x = x0 = norm(self.wte(idx).to(ACTIVATION_DTYPE))  # bf16 residual stream on the GPU
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
