@@ -10,7 +10,8 @@ Usage:
 loader (pinned copy to the device included). `run` trains each train.py through the harness
 twice, back to back — cold (empty compile cache) then warm (the same cache) — and prints one
 column per file: tokens/s, step-time spread, MFU, overhead cold and warm, eval seconds, peak
-memory and val_bpb, so ratios are measured side by side on one machine. `profile` runs one
+memory and val_bpb, so ratios are measured side by side on one machine, then the loader's
+tokens/s alone on the same data. `profile` runs one
 train.py in this process under the harness, records a few steady steps with torch.profiler and
 prints where the device time goes (kernel families and the top kernels, ms per step), then what
 compilation cost (dynamo's phase times and the compile-cache hits and misses).
@@ -58,6 +59,34 @@ def rate(next_batch, tokens_per_batch: int, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def loader_rates(data: Path, batch: int, seq: int, seconds: float, device: str | None) -> list[str]:
+    """Lines of loader figures: the packer+gather alone, then (with a device) the full loader."""
+    split = open_split(data, "train")
+    per_batch = batch * seq
+    stream = BatchStream(split, batch, seq + 1, seed=0)
+    try:
+        r = rate(stream.next_array, per_batch, seconds)
+    finally:
+        stream.close()
+    lines = [f"loader (pack + gather, background thread): {r / 1e6:.2f} M tokens/s (batch {batch} x {seq})"]
+    if device:
+        import torch
+
+        loader = TrainLoader(split, batch, seq, seed=0, device=device)
+
+        def step():
+            x, y = next(loader)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+
+        try:
+            r = rate(step, per_batch, seconds)
+        finally:
+            loader.close()
+        lines.append(f"loader to {device} (pinned, non-blocking): {r / 1e6:.2f} M tokens/s")
+    return lines
+
+
 def bench_loader(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(args.data) if args.data else Path(tmp)
@@ -67,25 +96,7 @@ def bench_loader(args: argparse.Namespace) -> None:
         docs = np.diff(split.offsets)
         print(f"data: {data if args.data else 'synthetic'}: {split.num_docs:,} documents, "
               f"{len(split.tokens):,} tokens, mean document {docs.mean():.0f} tokens")
-        per_batch = args.batch * args.seq
-        stream = BatchStream(split, args.batch, args.seq + 1, seed=0)
-        r = rate(stream.next_array, per_batch, args.seconds)
-        stream.close()
-        print(f"loader (pack + gather, background thread): {r / 1e6:.2f} M tokens/s "
-              f"(batch {args.batch} x {args.seq})")
-        if args.device:
-            import torch
-
-            loader = TrainLoader(split, args.batch, args.seq, seed=0, device=args.device)
-
-            def step():
-                x, y = next(loader)
-                if x.is_cuda:
-                    torch.cuda.synchronize()
-
-            r = rate(step, per_batch, args.seconds)
-            loader.close()
-            print(f"loader to {args.device} (pinned, non-blocking): {r / 1e6:.2f} M tokens/s")
+        print("\n".join(loader_rates(data, args.batch, args.seq, args.seconds, args.device)))
 
 
 def harness_run(program: Path, train: Path, data: Path, out: Path, cache: Path) -> dict:
@@ -135,6 +146,12 @@ def bench_run(args: argparse.Namespace) -> None:
     names = [Path(t).name for t in args.train]
     if len(set(names)) < len(names):  # two files called train.py: tell them apart by path
         names = list(args.train)
+    from trainer.config import load_program
+
+    config = load_program(program)
+    # The loader alone, at the batch the shipped programs train with (128 rows, or fewer on CPU)
+    device = "cuda" if config.device == "cuda" else None
+    loader_lines = loader_rates(Path(args.data), 128 if device else 32, config.seq_len, 3.0, device)
     columns = []
     for i, train in enumerate(args.train):
         cache = out / f"cache-{i}"  # one cache per file, as each agent has its own
@@ -148,13 +165,14 @@ def bench_run(args: argparse.Namespace) -> None:
     print(f"\n{'':24}" + "".join(f"{name:>{width}}" for name, _, _ in columns))
     for label, read in ROWS:
         print(f"{label:24}" + "".join(f"{read(c, w):>{width}}" for _, c, w in columns))
+    print("\n".join(loader_lines))
     print(f"(budget {args.budget_s or 'as the program says'} s; logs and results in {out})")
 
 
 KERNEL_FAMILIES = [  # (family, name fragments), first match wins; lower-case
     ("attention: flex", ("flex_attention", "triton_tem_")),
     ("attention: fused sdpa", ("flash", "fmha", "sdpa", "cudnn")),
-    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "wgmma")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "wgmma", "aten::mm", "aten::addmm", "aten::bmm")),
     ("inductor pointwise/reduction", ("triton_poi", "triton_red", "triton_per")),
     ("optimizer (foreach)", ("multi_tensor", "foreach")),
     ("copy / fill", ("memcpy", "memset", "copy", "fill")),
@@ -212,22 +230,28 @@ def bench_profile(args: argparse.Namespace) -> None:
     if "wall" not in window:
         print(f"no profile: the run made {result['num_steps']} steps, fewer than {args.skip + args.steps}")
     else:
-        kernels = collections.Counter()
+        kernels, calls = collections.Counter(), collections.Counter()
         for evt in prof.events():
             if evt.device_type == torch.autograd.DeviceType.CUDA:
                 kernels[evt.name] += evt.time_range.elapsed_us() / 1e3 / args.steps
+                calls[evt.name] += 1
+        what = "kernels"
+        if not kernels:  # a CPU run: the operators' own CPU time instead of kernels
+            what = "CPU operators (self time)"
+            for avg in prof.key_averages():
+                if avg.key.startswith("aten::"):
+                    kernels[avg.key] += avg.self_cpu_time_total / 1e3 / args.steps
+                    calls[avg.key] += avg.count
         wall_ms = 1e3 * window["wall"] / args.steps
         families = collections.Counter()
         for name, ms in kernels.items():
             families[kernel_family(name)] += ms
         busy = sum(kernels.values())
         print(f"\nprofiled steps {args.skip}..{args.skip + args.steps - 1}: {wall_ms:.1f} ms per step "
-              f"wall, {busy:.1f} ms of kernels ({100 * busy / wall_ms:.1f} % busy)")
+              f"wall, {busy:.1f} ms of {what} ({100 * busy / wall_ms:.1f} % busy)")
         for fam, ms in families.most_common():
             print(f"  {fam:32} {ms:8.1f} ms/step {100 * ms / wall_ms:6.1f} %")
-        print(f"\ntop kernels (ms per step, calls per step):")
-        calls = collections.Counter(evt.name for evt in prof.events()
-                                    if evt.device_type == torch.autograd.DeviceType.CUDA)
+        print(f"\ntop {what} (ms per step, calls per step):")
         for name, ms in kernels.most_common(args.top):
             print(f"  {ms:8.2f} {calls[name] / args.steps:6.1f}  {name[:110]}")
         prof.export_chrome_trace(str(out / "trace.json"))
