@@ -25,7 +25,7 @@ from sandbox.hardening import (LABEL_DEADLINE, LABEL_OWNER_HOST, LABEL_OWNER_PID
                                LABEL_PROJECT, LABEL_RUN_ID, container_kwargs)
 from sandbox.models import Reaped, RunOutcome, RunSpec, RunStatus
 from sandbox.reaper import current_owner, judge
-from sandbox.runio import CappedLog, ProgressFollower, make_outcome
+from sandbox.runio import CappedLog, DiskWatch, ProgressFollower, make_outcome, writable_folders
 
 log = structlog.get_logger("sandbox")
 
@@ -92,6 +92,8 @@ class DockerBackend(Backend):
 
     async def _run(self, spec: RunSpec, on_progress: ProgressCallback | None, network: str) -> RunOutcome:
         await asyncio.to_thread(self._prepare, spec)  # may walk a big cache folder: not on the loop
+        disk = DiskWatch(writable_folders(spec), spec.limits.disk_gb)
+        await asyncio.to_thread(disk.baseline)
         runlog = CappedLog(spec.log_path, spec.limits.log_cap_bytes)
         follower = ProgressFollower(spec.output_dir / "progress.jsonl", on_progress)
         kwargs = container_kwargs(spec, user=self.user, owner=self.owner, runtime=self.config.runtime,
@@ -100,6 +102,7 @@ class DockerBackend(Backend):
         t0 = time.monotonic()
         start = in_thread(self._start, kwargs)
         follow_task: asyncio.Task | None = None
+        disk_task: asyncio.Task | None = None
         try:
             try:
                 container, output = await asyncio.shield(start)
@@ -108,12 +111,16 @@ class DockerBackend(Backend):
                 return make_outcome(spec, runlog, "infra-error", None, time.monotonic() - t0, str(e))
             log.info("container_started", run_id=spec.run_id, gpu=spec.gpu, container=container.short_id)
             follow_task = asyncio.create_task(follower.follow())
+            disk_task = asyncio.create_task(disk.watch(lambda: in_thread(_kill, container)))
             pump = in_thread(_pump, output, runlog)
             try:
                 status, code, detail = await self._supervise(container, spec, t0)
             except ContainerError as e:
                 status, code, detail = "infra-error", None, str(e)
             wall = time.monotonic() - t0
+            disk_task.cancel()
+            if status != "infra-error" and (disk.tripped or await asyncio.to_thread(disk.over)):
+                status, detail = "crash", disk.detail
             await self._drain(pump, spec.run_id)
             await finish_despite_cancel(in_thread(_remove, container))
         except asyncio.CancelledError:
@@ -121,8 +128,9 @@ class DockerBackend(Backend):
             await _quietly(self._destroy_after_cancel(start))
             raise
         finally:
-            if follow_task is not None:
-                follow_task.cancel()
+            for task in (follow_task, disk_task):
+                if task is not None:
+                    task.cancel()
             runlog.close()
         follower.drain()
         return make_outcome(spec, runlog, status, code, wall, detail)

@@ -25,7 +25,7 @@ from sandbox.config import LocalBackendConfig
 from sandbox.errors import SpecError
 from sandbox.models import OUTPUT_TARGET, Reaped, RunOutcome, RunSpec, RunStatus
 from sandbox.reaper import current_owner, judge, process_start
-from sandbox.runio import CappedLog, ProgressFollower, make_outcome
+from sandbox.runio import CappedLog, DiskWatch, ProgressFollower, make_outcome, writable_folders
 
 log = structlog.get_logger("sandbox")
 
@@ -85,6 +85,8 @@ class LocalBackend(Backend):
             if not m.source.exists():
                 raise SpecError(f"mount source {m.source} (for {m.target}) does not exist")
         spec.output_dir.mkdir(parents=True, exist_ok=True)
+        disk = DiskWatch(writable_folders(spec), spec.limits.disk_gb)
+        await asyncio.to_thread(disk.baseline)
         argv, env = self.command_and_env(spec)
         runlog = CappedLog(spec.log_path, spec.limits.log_cap_bytes)
         follower = ProgressFollower(spec.output_dir / "progress.jsonl", on_progress)
@@ -101,10 +103,14 @@ class LocalBackend(Backend):
         _no_core_dumps(proc.pid)
         state = self._record(spec, proc.pid)
         follow_task = asyncio.create_task(follower.follow())
+        disk_task = asyncio.create_task(disk.watch(lambda: _killpg(proc.pid)))
         pump = asyncio.create_task(_pump(proc, runlog))
         try:
             status, code, detail = await self._supervise(proc, spec, t0)
             wall = time.monotonic() - t0
+            disk_task.cancel()
+            if disk.tripped or await asyncio.to_thread(disk.over):
+                status, detail = "crash", disk.detail
             _killpg(proc.pid)  # stragglers the leader left running: the group ends with the run
             await _settle(proc, pump)
         except asyncio.CancelledError:
@@ -114,6 +120,7 @@ class LocalBackend(Backend):
             raise
         finally:
             follow_task.cancel()
+            disk_task.cancel()
             runlog.close()
             state.unlink(missing_ok=True)
         follower.drain()

@@ -54,7 +54,7 @@ class Mount(_Frozen):
 
 
 class Limits(_Frozen):
-    """Resource limits for one run. Docker enforces all of them; local mode only the deadline."""
+    """Resource limits for one run. Docker enforces all of them; local mode the deadline and disk."""
 
     memory_gb: float = Field(default=32.0, gt=0, description="Host RAM cap; swap is the same (no swap).")
     pids: int = Field(default=4096, ge=16, description="Max processes+threads in the run (stops fork bombs); "
@@ -64,6 +64,8 @@ class Limits(_Frozen):
     log_cap_bytes: int = Field(
         default=16 * 1024 * 1024, ge=4096, description="Log size kept on disk: first half and last half."
     )
+    disk_gb: float = Field(default=20.0, gt=0, description="How much the writable folders (/out and "
+                           "read-write mounts) may grow during the run; checked every 2 s, then killed.")
     cpus: float | None = Field(default=None, gt=0, description="CPU cores the run may use; None: no cap.")
     nofile: int | None = Field(default=None, ge=64, description="Open-file limit (RLIMIT_NOFILE); None: the "
                                "engine's default. Must not exceed the engine's own hard limit.")

@@ -1,4 +1,5 @@
-"""What a run leaves on the host: the capped log, the progress lines, the result file.
+"""What a run leaves on the host: the capped log, the progress lines, the result file, the
+disk space its writable folders take.
 
 The run's output folder is written by untrusted code, so everything here reads with size bounds
 and tolerates garbage: a bad progress line is skipped, a bad result.json is None.
@@ -177,6 +178,75 @@ class ProgressFollower:
             self.on_progress(item)  # type: ignore[misc]
         except Exception:  # a broken callback must not break the run
             log.exception("progress_callback_failed", path=str(self.path))
+
+
+def disk_usage(folders: list[Path]) -> int:
+    """Bytes allocated on disk under `folders`, each inode once; symlinks are not followed.
+
+    The folders belong to the run, so entries may vanish or change type while we walk: those are
+    skipped, never an error.
+    """
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    stack = [str(f) for f in folders]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(entry.path)
+    return total
+
+
+class DiskWatch:
+    """Kill a run once its writable folders have grown by more than `cap_gb` since it started.
+
+    A bind mount has no quota of its own, so a run could otherwise fill the host's disk through
+    /out or its cache. Checked every `poll_s` seconds and once more at exit: a burst between two
+    checks can overshoot the cap by what the run writes in that time.
+    """
+
+    def __init__(self, folders: list[Path], cap_gb: float, poll_s: float = 2.0) -> None:
+        self.folders, self.cap_bytes, self.poll_s = folders, int(cap_gb * 1e9), poll_s
+        self.start_bytes = 0
+        self.grown = 0
+        self.tripped = False
+
+    def baseline(self) -> None:
+        self.start_bytes = disk_usage(self.folders)
+
+    def over(self) -> bool:
+        self.grown = disk_usage(self.folders) - self.start_bytes
+        self.tripped = self.tripped or self.grown > self.cap_bytes
+        return self.tripped
+
+    async def watch(self, kill: Callable[[], object]) -> None:
+        """Poll until cancelled; call `kill` (sync or async) once when over the cap."""
+        while not await asyncio.to_thread(self.over):
+            await asyncio.sleep(self.poll_s)
+        log.warning("run_over_disk_cap", grown_bytes=self.grown, cap_bytes=self.cap_bytes)
+        result = kill()
+        if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+            await result
+
+    @property
+    def detail(self) -> str:
+        return (f"killed by the host: the run wrote {self.grown / 1e9:.2f} GB to its writable folders "
+                f"(/out and its cache), more than the {self.cap_bytes / 1e9:g} GB allowed")
+
+
+def writable_folders(spec: RunSpec) -> list[Path]:
+    return [spec.output_dir, *(m.source for m in spec.mounts if not m.read_only)]
 
 
 def read_result(output_dir: Path) -> tuple[dict | None, str]:

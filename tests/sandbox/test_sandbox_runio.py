@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 
-from sandbox.runio import CappedLog, ProgressFollower, read_result
+from sandbox.runio import CappedLog, ProgressFollower, disk_usage, read_result
 
 
 def test_small_log_is_kept_whole(tmp_path):
@@ -78,3 +79,18 @@ def test_read_result_variants(tmp_path):
     assert read_result(tmp_path) == ({"status": "ok", "val_bpb": 0.99}, "")
     (tmp_path / "result.json").write_bytes(b" " * (2 << 20))
     assert "larger than" in read_result(tmp_path)[1]
+
+
+def test_disk_usage_counts_each_inode_once_and_never_follows_links(tmp_path):
+    inside, outside = tmp_path / "run", tmp_path / "host"
+    inside.mkdir()
+    outside.mkdir()
+    (outside / "big.bin").write_bytes(os.urandom(4 << 20))
+    (inside / "a.bin").write_bytes(os.urandom(1 << 20))
+    os.link(inside / "a.bin", inside / "a-again.bin")  # one file, two names
+    (inside / "link").symlink_to(outside)  # a link to a big host folder is not the run's usage
+    (inside / "sub").mkdir()
+    (inside / "sub" / "b.bin").write_bytes(os.urandom(1 << 20))
+    used = disk_usage([inside])
+    assert 2 << 20 <= used < 3 << 20, used
+    assert disk_usage([tmp_path / "missing"]) == 0

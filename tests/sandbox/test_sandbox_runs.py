@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from sandbox.models import Limits
 from sandbox_testlib import pid_alive
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120, func_only=True)]  # a broken deadline fails fast
@@ -166,3 +167,31 @@ async def test_two_labs_may_run_the_same_run_id_at_once(docker_backend, make_spe
     b = make_spec("import time; time.sleep(1); print('b')").model_copy(update={"run_id": a.run_id})
     out_a, out_b = await asyncio.gather(docker_backend.run(a), docker_backend.run(b))
     assert (out_a.status, out_b.status) == ("ok", "ok"), (out_a.detail, out_b.detail)
+
+
+async def test_filling_the_disk_through_out_is_killed(backend, make_spec):
+    """/out is a bind mount with no quota: the host measures it and stops a run that floods it."""
+    spec = make_spec("""
+        import os, sys, time
+        chunk = os.urandom(1 << 20)
+        with open(f"{sys.argv[1]}/junk.bin", "wb") as f:
+            for i in range(100_000):
+                f.write(chunk * 4)  # 4 MB every 0.05 s: ~80 MB/s, forever
+                f.flush()
+                time.sleep(0.05)
+    """, deadline_s=60, limits=Limits(memory_gb=1, pids=64, shm_gb=0.1, tmpfs_gb=0.1, log_cap_bytes=1 << 16,
+                                      disk_gb=0.05))
+    outcome = await backend.run(spec)
+    assert outcome.status == "crash", (outcome.status, outcome.detail)
+    assert "more than the 0.05 GB allowed" in outcome.detail and "/out" in outcome.detail
+    assert outcome.wall_s < 15  # first check after ~2 s, not the 60-s deadline
+    assert (spec.output_dir / "junk.bin").stat().st_size < 1e9
+
+
+async def test_a_run_within_its_disk_allowance_is_ok(backend, make_spec):
+    spec = make_spec("""
+        import os, sys
+        open(f"{sys.argv[1]}/small.bin", "wb").write(os.urandom(10 << 20))  # 10 MB of a 50 MB allowance
+    """, limits=Limits(memory_gb=1, pids=64, shm_gb=0.1, tmpfs_gb=0.1, log_cap_bytes=1 << 16, disk_gb=0.05))
+    outcome = await backend.run(spec)
+    assert outcome.status == "ok", (outcome.status, outcome.detail, outcome.log_tail)
