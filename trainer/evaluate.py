@@ -68,6 +68,49 @@ def check_logits(logits, y: torch.Tensor, vocab_size: int) -> None:
         raise EvaluationError(f"model(x) returned {logits.dtype} logits; expected floating point")
 
 
+# A causal model gives the same prefix logits bit for bit; the slack covers a few bf16 ulps
+# (0.0625 at |logit| < 16), while a model that reads ahead moves them by whole units.
+CAUSALITY_ATOL, CAUSALITY_RTOL = 0.25, 0.02
+
+
+@torch.no_grad()
+def check_causality(model, row: torch.Tensor, vocab_size: int, autocast_dtype: torch.dtype | None = None,
+                    seed: int = EVAL_SEED) -> None:
+    """Raise EvaluationError if the model's logits at a position depend on later tokens.
+
+    Every row of one evaluation batch is cut at a random position and its tokens after the cut
+    replaced by another row's; the logits up to the cut must not move. A model that peeks ahead
+    (an attention mask lost in an edit, a shifted input) would score far too well; this catches it
+    before it is scored. It runs in train.py's process, so it stops mistakes, not determined cheats.
+    """
+    x = row[:, :-1]
+    B, T = x.shape
+    if T < 2:
+        return
+    g = torch.Generator().manual_seed(seed)
+    cuts = torch.randint(0, T - 1, (B,), generator=g).to(x.device)  # keep positions 0..cut
+    later = torch.arange(T, device=x.device)[None, :] > cuts[:, None]
+    probe = torch.where(later, x.roll(1, dims=0), x)
+    ctx = (torch.autocast(device_type=x.device.type, dtype=autocast_dtype)
+           if autocast_dtype is not None else nullcontext())
+    with ctx:
+        a, b = model(x), model(probe)
+    for logits in (a, b):
+        check_logits(logits, x, vocab_size)
+    for i in torch.nonzero((probe != x).any(dim=1)).flatten().tolist():  # rows whose future differs
+        n = int(cuts[i]) + 1  # one row's prefix at a time: full-batch float logits can be many GB
+        ai, bi = a[i, :n].float(), b[i, :n].float()
+        excess = ((ai - bi).abs() - CAUSALITY_ATOL - CAUSALITY_RTOL * ai.abs()).amax(dim=-1)
+        if float(excess.max()) <= 0:  # NaN counts as moved
+            continue
+        t = int(excess.nan_to_num(float("inf")).argmax())
+        worst = float((ai[t] - bi[t]).abs().max())
+        raise EvaluationError(
+            f"the model is not causal: its logits at position {t} of a row moved by {worst:.3g} when "
+            f"only tokens after position {int(cuts[i])} changed; a language model may look only at "
+            f"earlier tokens (check the attention mask and that inputs are not shifted)")
+
+
 def eval_rows_numpy(data_dir, program: ProgramConfig) -> list[np.ndarray]:
     """The fixed evaluation batches: eval_tokens // (eval_batch_size * seq_len) of them."""
     n_batches = program.eval_tokens // (program.eval_batch_size * program.seq_len)
@@ -92,6 +135,7 @@ def evaluate_program(model, data_dir, program: ProgramConfig, device: torch.devi
     if hasattr(model, "eval"):
         model.eval()
     try:
+        check_causality(model, rows[0], len(token_bytes), dtype)
         bpb = evaluate_bpb(model, rows, torch.from_numpy(token_bytes).to(device), dtype)
     finally:
         if was_training:

@@ -93,3 +93,40 @@ def test_eval_rows_are_fixed(tiny_data):
     a, b = eval_rows_numpy(tiny_data, program), eval_rows_numpy(tiny_data, program)
     assert len(a) == program.eval_tokens // (program.eval_batch_size * program.seq_len)
     assert all((x == y).all() for x, y in zip(a, b))
+
+
+class PeekAhead(torch.nn.Module):
+    """Predicts each target by reading the next input token: a lost causal mask, in effect."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, x):
+        nxt = torch.cat([x[:, 1:], x[:, -1:]], dim=1)
+        return 10.0 * torch.nn.functional.one_hot(nxt, self.vocab).float()
+
+
+class Causal(torch.nn.Module):
+    """Depends on all earlier tokens (a running sum), never on later ones."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, 16)
+        self.out = torch.nn.Linear(16, vocab)
+
+    def forward(self, x):
+        return self.out(self.emb(x).cumsum(dim=1))
+
+
+def test_a_model_that_reads_later_tokens_is_refused_before_scoring(tiny_data):
+    program = load_program(TINY_TOML)
+    with pytest.raises(EvaluationError, match="not causal: its logits at position"):
+        evaluate_program(PeekAhead(program.vocab_size), tiny_data, program, torch.device("cpu"))
+
+
+def test_a_causal_model_passes_the_causality_check(tiny_data):
+    program = load_program(TINY_TOML)
+    torch.manual_seed(0)
+    scores = evaluate_program(Causal(program.vocab_size), tiny_data, program, torch.device("cpu"))
+    assert math.isfinite(scores["val_bpb"]) and scores["val_bpb"] > 0
