@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import logging
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,6 +18,54 @@ from server.errors import InvalidArgumentError
 logger = log.get("cli")
 
 
+async def serve_stdio(server) -> None:
+    """Serve over stdio until stdin closes or SIGTERM / SIGHUP / SIGINT arrives.
+
+    A signal ends the server the way a closed stdin does: runs in flight are cancelled (their
+    containers killed, their rows recorded `cancelled`) instead of orphaned until the next start.
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    signals = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, _stop, task, sig)
+    try:
+        await server.run_stdio_async()
+    except asyncio.CancelledError:
+        if not getattr(task, "stopped_by", None):
+            raise
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+def _stop(task: asyncio.Task, sig: signal.Signals) -> None:
+    logger.warning("server_stopping", signal=sig.name)
+    task.stopped_by = sig.name  # type: ignore[attr-defined]
+    task.cancel()
+    asyncio.get_running_loop().create_task(_exit_once_settled(task))
+
+
+async def _exit_once_settled(task: asyncio.Task, limit_s: float = 60.0) -> None:
+    """Exit as soon as every run of this process is recorded (or `limit_s` passed).
+
+    The stdio transport reads stdin in a worker thread that no cancellation can interrupt while the
+    client keeps the pipe open, so the process would otherwise never finish exiting.
+    """
+    from server.experiment import LIVE  # noqa: PLC0415
+
+    end, leave_at = time.monotonic() + limit_s, None
+    while time.monotonic() < end and not task.done():
+        if all(e.settled() for e in LIVE):  # runs recorded: a moment for the lifespan to close the lab
+            leave_at = leave_at or time.monotonic() + 1.0
+            if time.monotonic() > leave_at:
+                break
+        await asyncio.sleep(0.05)
+    logger.info("server_stopped", settled=all(e.settled() for e in LIVE))
+    logging.shutdown()
+    os._exit(0)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.app import build_server  # noqa: PLC0415
 
@@ -21,7 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not args.agent:
             raise InvalidArgumentError("stdio needs an agent name: --agent NAME or AUTORESEARCH_AGENT=NAME")
         _preflight(args.lab)
-        build_server(args.lab, stdio_agent=args.agent).run("stdio")
+        asyncio.run(serve_stdio(build_server(args.lab, stdio_agent=args.agent)))
         return 0
     if args.tokens is None:
         raise InvalidArgumentError("http needs --tokens FILE mapping each bearer token to an agent name")

@@ -12,6 +12,7 @@ import contextlib
 import math
 import shutil
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ COMMAND = ["python3", "-m", "trainer.run", "--program", "/work/program.toml", "-
 MAX_DESCRIPTION = 500
 
 logger = log.get("experiment")
+LIVE: weakref.WeakSet[Experiments] = weakref.WeakSet()  # for a server stopping on a signal
 
 
 def base_env() -> dict[str, str]:
@@ -82,6 +84,12 @@ class Experiments:
         self.image = image
         self.background: dict[str, asyncio.Task[ExperimentResult]] = {}
         self.pending: dict[str, Pending] = {}
+        self.unsettled = 0  # runs begun and not yet recorded (the agent's lock still held)
+        LIVE.add(self)
+
+    def settled(self) -> bool:
+        """No run of this server is between its ledger row and its final record."""
+        return self.unsettled == 0
 
     # -- the two halves of a run -----------------------------------------------------------------
 
@@ -106,6 +114,7 @@ class Experiments:
             raise
         pending = Pending(record, snapshot, stack)
         self.pending[record.run_id] = pending
+        self.unsettled += 1
         logger.info("run_queued", run_id=record.run_id, agent=agent, description=description)
         return pending
 
@@ -140,6 +149,7 @@ class Experiments:
             return await finish_despite_cancel(asyncio.ensure_future(self._record_or_fail(pending, outcome)))
         finally:
             pending.lock.close()
+            self.unsettled -= 1
 
     async def _record_or_fail(self, pending: Pending, outcome: RunOutcome) -> ExperimentResult:
         try:

@@ -168,3 +168,28 @@ async def test_a_broken_sandbox_is_an_infra_error_not_a_result(make_lab, tiny_da
     assert not (root / "results" / "alice.tsv").exists()
     assert [c.hexsha for c in git.Repo(root / "repo").iter_commits("autoresearch/alice")] == [
         git.Repo(root / "repo").commit("main").hexsha]
+
+
+async def test_sigterm_stops_the_server_cleanly_mid_run(make_lab, tiny_data, lab_containers):
+    """A client that closes with SIGTERM: the run is cancelled and its container removed at once,
+    not orphaned until the next start."""
+    root = make_lab(backend="docker", data_dir=open_dir(tiny_data), budget_s=60)
+
+    async def session() -> None:
+        try:
+            async with Client(stdio_params(root, "alice"), read_timeout_seconds=600) as client:
+                await client.call_tool("run_experiment", {"description": "the server is told to stop"})
+        except BaseException:  # noqa: BLE001 - the server goes away under the call
+            pass
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(session)
+        await wait_until(running_container(lab_containers), 60, "the run's container")
+        [row] = ledger_rows(root)
+        os.kill(row.owner_pid, signal.SIGTERM)
+        await wait_until(lambda: ledger_rows(root)[0].status != "running", 30, "the row to be finished")
+        await wait_until(lambda: lab_containers() == [], 30, "the container to be removed")
+        await wait_until(lambda: not os.path.exists(f"/proc/{row.owner_pid}"), 30, "the server to exit")
+        tg.cancel_scope.cancel()
+    [row] = ledger_rows(root)
+    assert row.status == "cancelled", (row.status, row.detail)
