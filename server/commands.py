@@ -83,7 +83,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     url = f"http://{args.host}:{args.port}"
     app = build_server(args.lab, tokens_file=args.tokens, url=url).streamable_http_app(host=args.host)
     logger.info("http_serving", url=f"{url}/mcp")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # On SIGTERM/SIGINT uvicorn waits this long for requests in flight (a blocking run_experiment can
+    # take minutes), then cancels them: their runs are recorded `cancelled` and their sandboxes killed.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     return 0
 
 

@@ -176,12 +176,19 @@ class Experiments:
         p = self.pending.get(run_id)
         return p.status_line if p else None
 
-    async def shutdown(self) -> None:
-        """Cancel background runs (each is recorded `cancelled` and its container killed)."""
+    async def shutdown(self, settle_s: float = 30.0) -> None:
+        """Cancel background runs (each is recorded `cancelled` and its container killed), then wait
+        for blocking runs that their callers are cancelling to be recorded too: the lab must stay
+        open until then."""
         tasks = [t for t in self.background.values() if not t.done()]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        end = time.monotonic() + settle_s
+        while not self.settled() and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        if not self.settled():
+            logger.warning("shutdown_with_unsettled_runs", runs=sorted(self.pending))
 
     # -- inside ----------------------------------------------------------------------------------
 

@@ -9,12 +9,13 @@ import socket
 import subprocess
 import sys
 
+import anyio
 import httpx
 import httpx2
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
-from server_helpers import REPO, make_diff, wait_until
+from server_helpers import REPO, ledger_rows, make_diff, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -30,8 +31,15 @@ def free_port() -> int:
 
 
 @pytest.fixture
-async def http_server(make_lab, tiny_data, tmp_path):
-    root = make_lab(data_dir=tiny_data)
+async def http_server(http_lab):
+    root, proc, url = http_lab
+    yield url
+
+
+@pytest.fixture
+async def http_lab(make_lab, tiny_data, tmp_path):
+    """(lab root, server process, MCP url) of an HTTP server on a local-backend lab (60-s budget)."""
+    root = make_lab(data_dir=tiny_data, budget_s=60)
     tokens = tmp_path / "tokens.json"
     tokens.write_text(json.dumps(TOKENS))
     port = free_port()
@@ -47,7 +55,7 @@ async def http_server(make_lab, tiny_data, tmp_path):
 
     try:
         await wait_until(listening, 30, "the HTTP server to listen")
-        yield f"http://127.0.0.1:{port}/mcp"
+        yield root, proc, f"http://127.0.0.1:{port}/mcp"
     finally:
         proc.terminate()
         proc.wait(15)
@@ -81,3 +89,26 @@ async def test_two_tokens_are_two_agents(http_server):
         # an agent named in a request cannot override the token's identity
         sneaky = await bob.call_tool("read_train", {"agent": "alice"})
         assert sneaky.is_error
+
+
+async def test_sigterm_cancels_a_run_in_flight_and_exits(http_lab):
+    root, proc, url = http_lab
+
+    async def session() -> None:
+        try:
+            async with agent_client(url, "alice-token-0123456789abcdef") as alice:
+                await alice.call_tool("run_experiment", {"description": "the server is told to stop"})
+        except BaseException:  # noqa: BLE001 - the server goes away under the call
+            pass
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(session)
+        await wait_until(lambda: [r.status for r in ledger_rows(root)] == ["running"], 60, "the run to start")
+        run_dir = root / "runs" / ledger_rows(root)[0].run_id
+        proc.terminate()
+        await wait_until(lambda: proc.poll() is not None, 30, "the server to exit")
+        tg.cancel_scope.cancel()
+    [row] = ledger_rows(root)
+    assert row.status == "cancelled", (row.status, row.detail)
+    alive = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True).stdout.split()
+    assert alive == [], f"the run's processes outlived the server: {alive}"
