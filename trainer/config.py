@@ -109,6 +109,8 @@ class ProgramConfig(_Frozen):
     device: Literal["cuda", "cpu"] = "cuda"
     autocast: Literal["bfloat16", "none"] = "bfloat16"
     """Precision the harness evaluates under (on CUDA); the seed evaluates in bf16 autocast."""
+    check_causality: bool = True
+    """Refuse a model whose logits depend on later tokens (trainer.evaluate.check_causality)."""
     seed: int = 42
     cpu_threads: int | None = Field(None, ge=1)
     """torch threads on CPU programs (None: torch's default)."""

@@ -130,3 +130,9 @@ def test_a_causal_model_passes_the_causality_check(tiny_data):
     torch.manual_seed(0)
     scores = evaluate_program(Causal(program.vocab_size), tiny_data, program, torch.device("cpu"))
     assert math.isfinite(scores["val_bpb"]) and scores["val_bpb"] > 0
+
+
+def test_the_causality_check_can_be_switched_off_by_the_program(tiny_data):
+    program = load_program(TINY_TOML).model_copy(update={"check_causality": False})
+    scores = evaluate_program(PeekAhead(program.vocab_size), tiny_data, program, torch.device("cpu"))
+    assert scores["val_bpb"] < 0.1  # reading the answer off the input: what the check exists to stop
