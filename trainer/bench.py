@@ -131,6 +131,16 @@ ROWS = [  # (label, how to read it from the cold and warm results)
 ]
 
 
+def ratios(base: dict, other: dict) -> list[str]:
+    """other / base for the figures a speed change moves, measured in the same call."""
+    out = []
+    for key, label in (("tokens_per_s", "tokens/s"), ("mfu_percent", "MFU"),
+                       ("overhead_seconds", "overhead"), ("eval_seconds", "eval")):
+        a, b = base.get(key), other.get(key)
+        out.append(f"{label} x{b / a:.3f}" if a and b is not None else f"{label} -")
+    return out
+
+
 def _f(value, scale: float, spec: str) -> str:
     return "-" if value is None else format(value * scale, spec)
 
@@ -165,6 +175,8 @@ def bench_run(args: argparse.Namespace) -> None:
     print(f"\n{'':24}" + "".join(f"{name:>{width}}" for name, _, _ in columns))
     for label, read in ROWS:
         print(f"{label:24}" + "".join(f"{read(c, w):>{width}}" for _, c, w in columns))
+    for name, _, warm in columns[1:]:
+        print(f"{name} / {columns[0][0]}, warm: " + ", ".join(ratios(columns[0][2], warm)))
     print("\n".join(loader_lines))
     print(f"(budget {args.budget_s or 'as the program says'} s; logs and results in {out})")
 

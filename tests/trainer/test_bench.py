@@ -16,25 +16,31 @@ def bench(*args: str) -> str:
     return proc.stdout
 
 
-def figure(text: str, label: str) -> str:
+def figures(text: str, label: str) -> list[str]:
+    """One table row's cells, a column per train.py."""
     match = re.search(rf"^{re.escape(label)}\s+(.+)$", text, re.M)
     assert match, f"no {label!r} row in:\n{text}"
-    return match.group(1).strip()
+    return re.split(r"\s{2,}", match.group(1).strip())
 
 
-def test_bench_run_prints_cold_and_warm_figures_and_the_loader(tmp_path, tiny_data):
+def test_bench_run_prints_cold_and_warm_figures_side_by_side_and_the_loader(tmp_path, tiny_data):
+    other = tmp_path / "other.py"
+    other.write_text(TINY_TRAIN.read_text())
     out = bench("run", "--program", str(TINY_TOML), "--data", str(tiny_data), "--train", str(TINY_TRAIN),
-                "--budget-s", "3", "--out", str(tmp_path))
-    assert figure(out, "status (cold / warm)") == "ok / ok"
-    assert float(figure(out, "tokens/s, warm (M)")) > 0
-    p10, p50, p90 = (float(v) for v in figure(out, "step s p10 / p50 / p90").split(" / "))
-    assert 0 < p10 <= p50 <= p90
-    cold, warm = (float(v) for v in figure(out, "val_bpb cold / warm").split(" / "))
-    assert 0 < cold < 20 and 0 < warm < 20
+                "--train", str(other), "--budget-s", "3", "--out", str(tmp_path / "bench"))
+    assert figures(out, "status (cold / warm)") == ["ok / ok", "ok / ok"]
+    ratio = re.search(r"^other\.py / train\.py, warm: tokens/s x([\d.]+), MFU -, overhead x([\d.]+)", out, re.M)
+    assert ratio and float(ratio.group(1)) > 0 and float(ratio.group(2)) > 0, out
+    for column in range(2):
+        assert float(figures(out, "tokens/s, warm (M)")[column]) > 0
+        p10, p50, p90 = (float(v) for v in figures(out, "step s p10 / p50 / p90")[column].split(" / "))
+        assert 0 < p10 <= p50 <= p90
+        cold, warm = (float(v) for v in figures(out, "val_bpb cold / warm")[column].split(" / "))
+        assert 0 < cold < 20 and 0 < warm < 20
     rate = re.search(r"loader \(pack \+ gather, background thread\): ([\d.]+) M tokens/s", out)
     assert rate and float(rate.group(1)) > 0
-    saved = json.loads((tmp_path / "bench.json").read_text())
-    assert [c["warm"]["status"] for c in saved] == ["ok"]
+    saved = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert [c["warm"]["status"] for c in saved] == ["ok", "ok"]
 
 
 def test_bench_profile_shows_where_step_time_goes(tmp_path, tiny_data):
