@@ -116,3 +116,22 @@ def check_books_agree(root, agent: str, results: list[dict]) -> None:
         assert line["val_bpb"] == f"{row.val_bpb or 0:.6f}" and line["description"] == row.description
         assert (root / "runs" / row.run_id / "train.py").read_text() == repo.git.show(
             f"{row.commit}:train.py", strip_newline_in_stdout=False)
+
+
+async def test_an_edit_that_breaks_causality_is_a_crash_not_a_record(make_lab, tiny_data, lab_containers):
+    """The classic agent mistake: attention that can see the future. Its loss looks wonderful; the
+    evaluator refuses it before scoring, so it never becomes the best run."""
+    root = make_lab(backend="docker", data_dir=open_dir(tiny_data))
+    async with Client(stdio_params(root, "alice"), read_timeout_seconds=600) as client:
+        base = await call(client, "run_experiment", {"description": "baseline"})
+        assert base["status"] == "ok" and base["kept"]
+        text = (await call(client, "read_train"))["text"]
+        line = next(ln for ln in text.splitlines() if "is_causal=True" in ln)
+        await patch(client, line, line.replace("is_causal=True", "is_causal=False"))
+        leak = await call(client, "run_experiment", {"description": "attention without the causal mask"})
+        assert (leak["status"], leak["decision"], leak["kept"], leak["val_bpb"]) == ("crash", "crash", False, None)
+        assert "not causal" in leak["reason"], leak["reason"]
+        best = await call(client, "get_best")
+        assert best["agent_best"]["run_id"] == base["run_id"]
+    assert lab_containers() == []
+    check_books_agree(root, "alice", [base, leak])
