@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.config import load_program
 from trainer.loader import BatchStream, TrainLoader
 from trainer.shards import META_FILE, open_split
 
@@ -145,19 +146,23 @@ def _f(value, scale: float, spec: str) -> str:
     return "-" if value is None else format(value * scale, spec)
 
 
-def bench_run(args: argparse.Namespace) -> None:
-    out = Path(args.out or tempfile.mkdtemp(prefix="bench-"))
+def bench_folder(args: argparse.Namespace, prefix: str) -> tuple[Path, Path]:
+    """The output folder (--out or a new temp folder) and its copy of the program, budget overridden."""
+    out = Path(args.out or tempfile.mkdtemp(prefix=prefix))
     out.mkdir(parents=True, exist_ok=True)
     program = out / "program.toml"
     text = Path(args.program).read_text()
     if args.budget_s is not None:
         text = re.sub(r"(?m)^budget_s\s*=.*$", f"budget_s = {args.budget_s}", text)
     program.write_text(text)
+    return out, program
+
+
+def bench_run(args: argparse.Namespace) -> None:
+    out, program = bench_folder(args, "bench-")
     names = [Path(t).name for t in args.train]
     if len(set(names)) < len(names):  # two files called train.py: tell them apart by path
         names = list(args.train)
-    from trainer.config import load_program
-
     config = load_program(program)
     # The loader alone, at the batch the shipped programs train with (128 rows, or fewer on CPU)
     device = "cuda" if config.device == "cuda" else None
@@ -207,13 +212,7 @@ def bench_profile(args: argparse.Namespace) -> None:
     from trainer import api
     from trainer import run as harness
 
-    out = Path(args.out or tempfile.mkdtemp(prefix="profile-"))
-    out.mkdir(parents=True, exist_ok=True)
-    program = out / "program.toml"
-    text = Path(args.program).read_text()
-    if args.budget_s is not None:
-        text = re.sub(r"(?m)^budget_s\s*=.*$", f"budget_s = {args.budget_s}", text)
-    program.write_text(text)
+    out, program = bench_folder(args, "profile-")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     prof = profile(activities=activities)
