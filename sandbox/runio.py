@@ -180,8 +180,12 @@ class ProgressFollower:
             log.exception("progress_callback_failed", path=str(self.path))
 
 
+ENTRY_BYTES = 4096  # what an inode costs at least: millions of empty files are not free
+
+
 def disk_usage(folders: list[Path]) -> int:
-    """Bytes allocated on disk under `folders`, each inode once; symlinks are not followed.
+    """Bytes allocated on disk under `folders`, each inode once and at least ENTRY_BYTES; symlinks
+    are not followed.
 
     The folders belong to the run, so entries may vanish or change type while we walk: those are
     skipped, never an error.
@@ -202,7 +206,7 @@ def disk_usage(folders: list[Path]) -> int:
             if (st.st_dev, st.st_ino) in seen:
                 continue
             seen.add((st.st_dev, st.st_ino))
-            total += st.st_blocks * 512
+            total += max(st.st_blocks * 512, ENTRY_BYTES)
             if stat.S_ISDIR(st.st_mode):
                 stack.append(entry.path)
     return total

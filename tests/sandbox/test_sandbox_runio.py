@@ -94,3 +94,6 @@ def test_disk_usage_counts_each_inode_once_and_never_follows_links(tmp_path):
     used = disk_usage([inside])
     assert 2 << 20 <= used < 3 << 20, used
     assert disk_usage([tmp_path / "missing"]) == 0
+    for i in range(1000):  # empty files take no blocks, but each costs an inode
+        (inside / "sub" / f"empty{i}").touch()
+    assert disk_usage([inside]) - used >= 1000 * 4096
