@@ -40,7 +40,11 @@ async def serve_stdio(server) -> None:
 
 
 def _stop(task: asyncio.Task, sig: signal.Signals) -> None:
+    from server.experiment import LIVE  # noqa: PLC0415
+
     logger.warning("server_stopping", signal=sig.name)
+    for experiments in LIVE:
+        experiments.stop_reason = f"the server was stopped ({sig.name})"
     task.stopped_by = sig.name  # type: ignore[attr-defined]
     task.cancel()
     asyncio.get_running_loop().create_task(_exit_once_settled(task))

@@ -85,6 +85,7 @@ class Experiments:
         self.background: dict[str, asyncio.Task[ExperimentResult]] = {}
         self.pending: dict[str, Pending] = {}
         self.unsettled = 0  # runs begun and not yet recorded (the agent's lock still held)
+        self.stop_reason: str | None = None  # set when the server stops: why its runs were cancelled
         LIVE.add(self)
 
     def settled(self) -> bool:
@@ -134,7 +135,8 @@ class Experiments:
             try:
                 outcome = await self._run_in_sandbox(pending)
             except asyncio.CancelledError:
-                self.lab.ledger.finish(run_id, "cancelled", detail="cancelled by the client")
+                why = f"cancelled: {self.stop_reason}" if self.stop_reason else "cancelled by the client"
+                self.lab.ledger.finish(run_id, "cancelled", detail=why)
                 logger.info("run_cancelled", run_id=run_id)
                 raise
             except Exception as e:
@@ -180,6 +182,7 @@ class Experiments:
         """Cancel background runs (each is recorded `cancelled` and its container killed), then wait
         for blocking runs that their callers are cancelling to be recorded too: the lab must stay
         open until then."""
+        self.stop_reason = self.stop_reason or "the server was stopped"
         tasks = [t for t in self.background.values() if not t.done()]
         for t in tasks:
             t.cancel()
