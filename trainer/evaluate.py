@@ -79,7 +79,7 @@ def check_causality(model, row: torch.Tensor, vocab_size: int, autocast_dtype: t
     """Raise EvaluationError if the model's logits at a position depend on later tokens.
 
     Every row of one evaluation batch is cut at a random position and its tokens after the cut
-    replaced by another row's; the logits up to the cut must not move. A model that peeks ahead
+    replaced by other tokens (another row's, shifted); the logits up to the cut must not move. A model that peeks ahead
     (an attention mask lost in an edit, a shifted input) would score far too well; this catches it
     before it is scored. It runs in train.py's process, so it stops mistakes, not determined cheats.
     """
@@ -90,7 +90,7 @@ def check_causality(model, row: torch.Tensor, vocab_size: int, autocast_dtype: t
     g = torch.Generator().manual_seed(seed)
     cuts = torch.randint(0, T - 1, (B,), generator=g).to(x.device)  # keep positions 0..cut
     later = torch.arange(T, device=x.device)[None, :] > cuts[:, None]
-    probe = torch.where(later, x.roll(1, dims=0), x)
+    probe = torch.where(later, x.roll((1, 7), dims=(0, 1)), x)  # other tokens, even with one row
     ctx = (torch.autocast(device_type=x.device.type, dtype=autocast_dtype)
            if autocast_dtype is not None else nullcontext())
     with ctx:

@@ -119,8 +119,9 @@ class Causal(torch.nn.Module):
         return self.out(self.emb(x).cumsum(dim=1))
 
 
-def test_a_model_that_reads_later_tokens_is_refused_before_scoring(tiny_data):
-    program = load_program(TINY_TOML)
+@pytest.mark.parametrize("rows", [32, 1])
+def test_a_model_that_reads_later_tokens_is_refused_before_scoring(tiny_data, rows):
+    program = load_program(TINY_TOML).model_copy(update={"eval_batch_size": rows})
     with pytest.raises(EvaluationError, match="not causal: its logits at position"):
         evaluate_program(PeekAhead(program.vocab_size), tiny_data, program, torch.device("cpu"))
 
