@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -18,36 +19,49 @@ from server.errors import InvalidArgumentError
 logger = log.get("cli")
 
 
+@contextlib.contextmanager
+def cancelled_by_signals(signals: tuple[signal.Signals, ...], then=None):
+    """While inside, each of `signals` cancels the current task (its runs are cancelled, their
+    sandboxes killed, their rows recorded `cancelled: stopped by SIG...`); `then(task)` runs after.
+    Yields the task; `task.stopped_by` names the signal once one came."""
+    from server.experiment import LIVE  # noqa: PLC0415
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+
+    def stop(sig: signal.Signals) -> None:
+        logger.warning("stopping", signal=sig.name)
+        for experiments in LIVE:
+            experiments.stop_reason = f"stopped by {sig.name}"
+        task.stopped_by = sig.name  # type: ignore[attr-defined]
+        task.cancel()
+        if then is not None:
+            then(task)
+
+    for sig in signals:
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        yield task
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
 async def serve_stdio(server) -> None:
     """Serve over stdio until stdin closes or SIGTERM / SIGHUP / SIGINT arrives.
 
     A signal ends the server the way a closed stdin does: runs in flight are cancelled (their
     containers killed, their rows recorded `cancelled`) instead of orphaned until the next start.
     """
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    signals = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
-    for sig in signals:
-        loop.add_signal_handler(sig, _stop, task, sig)
-    try:
-        await server.run_stdio_async()
-    except asyncio.CancelledError:
-        if not getattr(task, "stopped_by", None):
-            raise
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
+    def exit_once_settled(task: asyncio.Task) -> None:
+        asyncio.get_running_loop().create_task(_exit_once_settled(task))
 
-
-def _stop(task: asyncio.Task, sig: signal.Signals) -> None:
-    from server.experiment import LIVE  # noqa: PLC0415
-
-    logger.warning("server_stopping", signal=sig.name)
-    for experiments in LIVE:
-        experiments.stop_reason = f"the server was stopped ({sig.name})"
-    task.stopped_by = sig.name  # type: ignore[attr-defined]
-    task.cancel()
-    asyncio.get_running_loop().create_task(_exit_once_settled(task))
+    with cancelled_by_signals((signal.SIGTERM, signal.SIGHUP, signal.SIGINT), exit_once_settled) as task:
+        try:
+            await server.run_stdio_async()
+        except asyncio.CancelledError:
+            if not getattr(task, "stopped_by", None):
+                raise
 
 
 async def _exit_once_settled(task: asyncio.Task, limit_s: float = 60.0) -> None:
@@ -109,16 +123,23 @@ def _preflight(root: Path) -> None:
 async def cmd_run(args: argparse.Namespace) -> int:
     from server.app import open_state  # noqa: PLC0415
 
-    async with open_state(args.lab, args.agent) as state:
-        if args.patch is not None:
-            patch = await state.lab.apply_patch(args.agent, args.patch.read_text())
-            print(f"patched: {patch.diffstat}", file=sys.stderr)
-        t0 = time.monotonic()
+    with cancelled_by_signals((signal.SIGTERM, signal.SIGHUP)) as task:  # Ctrl-C: asyncio.run's own
+        try:
+            async with open_state(args.lab, args.agent) as state:
+                if args.patch is not None:
+                    patch = await state.lab.apply_patch(args.agent, args.patch.read_text())
+                    print(f"patched: {patch.diffstat}", file=sys.stderr)
+                t0 = time.monotonic()
 
-        async def report(elapsed: float, line: str) -> None:
-            print(f"[{elapsed:6.1f}s] {line}", file=sys.stderr, flush=True)
+                async def report(elapsed: float, line: str) -> None:
+                    print(f"[{elapsed:6.1f}s] {line}", file=sys.stderr, flush=True)
 
-        result = await state.experiments.run(args.agent, args.description, report)
+                result = await state.experiments.run(args.agent, args.description, report)
+        except asyncio.CancelledError:
+            if not getattr(task, "stopped_by", None):
+                raise
+            print(f"stopped by {task.stopped_by}: the run was cancelled and recorded", file=sys.stderr)
+            return 128 + getattr(signal, task.stopped_by).value
     print(json.dumps(result.model_dump(), indent=2))
     print(f"{result.run_id}: {result.status}, val_bpb {result.val_bpb}, kept {result.kept} "
           f"({time.monotonic() - t0:.0f} s)", file=sys.stderr)

@@ -4,11 +4,12 @@ one experiment from the shell, report. Real Docker, real git."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
 import pytest
-from server_helpers import PROGRAM, REPO
+from server_helpers import PROGRAM, REPO, ledger_rows, wait_until
 
 
 def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -107,3 +108,24 @@ def test_prepare_downloads_climbmix_in_the_sandbox_image(tmp_path, docker_client
     assert meta
     assert len(clients) == 3 and gateway not in clients  # fetched by the container, not the host
     assert lab_containers() == []
+
+
+@pytest.mark.anyio
+async def test_sigterm_to_a_shell_run_cancels_and_records_it(make_lab, tiny_data):
+    root = make_lab(data_dir=tiny_data, budget_s=60)  # local backend: the run is a process group
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "run", "--lab", str(root), "--agent", "demo",
+                             "--description", "stopped from the shell"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        await wait_until(lambda: [r.status for r in ledger_rows(root)] == ["running"], 60, "the run to start")
+        run_dir = root / "runs" / ledger_rows(root)[0].run_id
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM: the run was cancelled and recorded" in err
+    [row] = ledger_rows(root)
+    assert (row.status, row.detail) == ("cancelled", "cancelled: stopped by SIGTERM")
+    alive = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True).stdout.split()
+    assert alive == [], f"the run's processes outlived the command: {alive}"

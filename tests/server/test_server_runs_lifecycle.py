@@ -192,4 +192,4 @@ async def test_sigterm_stops_the_server_cleanly_mid_run(make_lab, tiny_data, lab
         await wait_until(lambda: not os.path.exists(f"/proc/{row.owner_pid}"), 30, "the server to exit")
         tg.cancel_scope.cancel()
     [row] = ledger_rows(root)
-    assert (row.status, row.detail) == ("cancelled", "cancelled: the server was stopped (SIGTERM)")
+    assert (row.status, row.detail) == ("cancelled", "cancelled: stopped by SIGTERM")
