@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +27,8 @@ from sandbox.hardening import (LABEL_DEADLINE, LABEL_OWNER_HOST, LABEL_OWNER_PID
                                LABEL_PROJECT, LABEL_RUN_ID, container_kwargs)
 from sandbox.models import Reaped, RunOutcome, RunSpec, RunStatus
 from sandbox.reaper import current_owner, judge
-from sandbox.runio import CappedLog, DiskWatch, ProgressFollower, make_outcome, writable_folders
+from sandbox.runio import (CappedLog, DiskWatch, ProgressFollower, make_outcome, stream_files,
+                           writable_folders)
 
 log = structlog.get_logger("sandbox")
 
@@ -70,6 +73,9 @@ class DockerBackend(Backend):
             if not m.source.exists():
                 raise SpecError(f"mount source {m.source} (for {m.target}) does not exist")
             _refuse_sockets(m.source)
+        for path in spec.stdin:
+            if not path.is_file():
+                raise SpecError(f"stdin file {path} does not exist")
         spec.output_dir.mkdir(parents=True, exist_ok=True)
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         uid, gid = (int(x) for x in self.user.split(":"))
@@ -100,7 +106,7 @@ class DockerBackend(Backend):
                                   deadline_unix=time.time() + spec.deadline_s)
         kwargs["network_mode"] = network
         t0 = time.monotonic()
-        start = in_thread(self._start, kwargs)
+        start = in_thread(self._start, kwargs, spec.stdin)
         follow_task: asyncio.Task | None = None
         disk_task: asyncio.Task | None = None
         try:
@@ -135,8 +141,9 @@ class DockerBackend(Backend):
         follower.drain()
         return make_outcome(spec, runlog, status, code, wall, detail)
 
-    def _start(self, kwargs: dict) -> tuple[docker.models.containers.Container, Iterator[bytes]]:
-        """Create, attach to stdout/stderr, start. Attaching first means no output is missed."""
+    def _start(self, kwargs: dict, stdin: list[Path]) -> tuple[docker.models.containers.Container, Iterator[bytes]]:
+        """Create, attach to stdout/stderr (and stdin), start, then feed stdin from a thread.
+        Attaching first means no output is missed."""
         create = {k: v for k, v in kwargs.items() if k != "detach"}
         try:
             # create + start, not run(): run() would try to pull a missing image from a registry
@@ -148,10 +155,13 @@ class DockerBackend(Backend):
             raise ContainerError(f"creating the container failed: {e}") from e
         try:
             output = container.attach(stdout=True, stderr=True, stream=True, logs=False)
+            feed = container.attach_socket(params={"stdin": 1, "stream": 1}) if stdin else None
             container.start()
         except docker.errors.DockerException as e:
             _remove(container)
             raise ContainerError(f"starting the container failed: {e}") from e
+        if feed is not None:
+            threading.Thread(target=_feed, args=(feed, stdin), daemon=True, name="stdin-feed").start()
         return container, output
 
     async def _supervise(self, container, spec: RunSpec, t0: float) -> tuple[RunStatus, int | None, str]:
@@ -261,6 +271,18 @@ def _wait_exit(container) -> int:
             time.sleep(0.5)
         except docker.errors.DockerException as e:
             raise ContainerError(f"waiting for the container failed: {e}") from e
+
+
+def _feed(feed, paths: list[Path]) -> None:
+    """Stream the files into the container's stdin, then close it (end-of-file for the run)."""
+    sock = feed._sock  # docker-py hands back a SocketIO over the hijacked connection
+    try:
+        stream_files(paths, sock.sendall)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError as e:  # the run exited without reading it all: its outcome says why
+        log.info("stdin_feed_stopped", error=str(e))
+    finally:
+        feed.close()
 
 
 def _pump(output: Iterator[bytes], runlog: CappedLog) -> None:

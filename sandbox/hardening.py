@@ -96,7 +96,7 @@ def container_kwargs(
         "ulimits": [Ulimit(name="core", soft=0, hard=0)],
         "oom_score_adj": 500,  # if the host itself runs short, the run goes before the server
         "init": True,  # an init as PID 1 reaps zombies and dies (taking everything) on kill
-        "stdin_open": False,
+        "stdin_open": bool(spec.stdin),  # the backend streams spec.stdin, then closes it
         "tty": False,
         # no engine-side copy of stdout: the backend attaches before start and keeps a capped one;
         # the json-file driver with rotation also loses the follow stream at the first rotation

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import posixpath
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -25,7 +27,7 @@ from sandbox.config import LocalBackendConfig
 from sandbox.errors import SpecError
 from sandbox.models import OUTPUT_TARGET, Reaped, RunOutcome, RunSpec, RunStatus
 from sandbox.reaper import current_owner, judge, process_start
-from sandbox.runio import CappedLog, DiskWatch, ProgressFollower, make_outcome, writable_folders
+from sandbox.runio import STDIN_CHUNK, CappedLog, DiskWatch, ProgressFollower, make_outcome, writable_folders
 
 log = structlog.get_logger("sandbox")
 
@@ -52,8 +54,24 @@ class LocalBackend(Backend):
 
     # -- path mapping (the container layout, replayed on the host) --------------------------------
 
+    def _views(self, spec: RunSpec) -> dict[str, Path]:
+        """Host folders of links standing in for container folders that exist only through file
+        mounts (/data/train.bin and /data/meta.json, but no /data), so that `/data` maps too."""
+        targets = {m.target for m in spec.mounts}
+        parents = sorted({posixpath.dirname(m.target) for m in spec.mounts if m.source.is_file()} - targets)
+        root = self.config.state_dir / f"{spec.run_id}-views"
+        return {parent: root / str(i) for i, parent in enumerate(parents) if parent != "/"}
+
+    def _make_views(self, spec: RunSpec) -> None:
+        for parent, folder in self._views(spec).items():
+            folder.mkdir(parents=True, exist_ok=True)
+            for m in spec.mounts:
+                if posixpath.dirname(m.target) == parent:
+                    (folder / posixpath.basename(m.target)).symlink_to(m.source)
+
     def _table(self, spec: RunSpec) -> list[tuple[str, str]]:
         table = [(m.target, str(m.source)) for m in spec.mounts] + [(OUTPUT_TARGET, str(spec.output_dir))]
+        table += [(parent, str(folder)) for parent, folder in self._views(spec).items()]
         return sorted(table, key=lambda t: -len(t[0]))  # longest container path first
 
     @staticmethod
@@ -84,7 +102,13 @@ class LocalBackend(Backend):
         for m in spec.mounts:
             if not m.source.exists():
                 raise SpecError(f"mount source {m.source} (for {m.target}) does not exist")
+        for path in spec.stdin:
+            if not path.is_file():
+                raise SpecError(f"stdin file {path} does not exist")
         spec.output_dir.mkdir(parents=True, exist_ok=True)
+        views = self.config.state_dir / f"{spec.run_id}-views"
+        shutil.rmtree(views, ignore_errors=True)
+        self._make_views(spec)
         disk = DiskWatch(writable_folders(spec), spec.limits.disk_gb)
         await asyncio.to_thread(disk.baseline)
         argv, env = self.command_and_env(spec)
@@ -94,16 +118,19 @@ class LocalBackend(Backend):
         t0 = time.monotonic()
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                *argv, stdin=asyncio.subprocess.PIPE if spec.stdin else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT, cwd=spec.output_dir, env=env, start_new_session=True)
         except OSError as e:
             runlog.write(f"[sandbox] could not start {argv[0]}: {e}\n".encode())
             runlog.close()
+            shutil.rmtree(views, ignore_errors=True)
             return make_outcome(spec, runlog, "infra-error", None, time.monotonic() - t0, str(e))
         _no_core_dumps(proc.pid)
         state = self._record(spec, proc.pid)
         follow_task = asyncio.create_task(follower.follow())
         disk_task = asyncio.create_task(disk.watch(lambda: _killpg(proc.pid)))
+        feed_task = asyncio.create_task(_feed(proc, spec.stdin)) if spec.stdin else None
         pump = asyncio.create_task(_pump(proc, runlog))
         try:
             status, code, detail = await self._supervise(proc, spec, t0)
@@ -119,10 +146,12 @@ class LocalBackend(Backend):
             await asyncio.shield(_settle(proc, pump))
             raise
         finally:
-            follow_task.cancel()
-            disk_task.cancel()
+            for task in (follow_task, disk_task, feed_task):
+                if task is not None:
+                    task.cancel()
             runlog.close()
             state.unlink(missing_ok=True)
+            shutil.rmtree(views, ignore_errors=True)
         follower.drain()
         return make_outcome(spec, runlog, status, code, wall, detail)
 
@@ -173,6 +202,20 @@ class LocalBackend(Backend):
             path.unlink(missing_ok=True)
             reaped.append(Reaped(run_id=rec["run_id"], reason=reason, detail=f"process group {pgid}"))
         return reaped
+
+
+async def _feed(proc, paths: list[Path]) -> None:
+    """Stream the files into the run's stdin, then close it (end-of-file)."""
+    try:
+        for path in paths:
+            with open(path, "rb") as f:
+                while chunk := await asyncio.to_thread(f.read, STDIN_CHUNK):
+                    proc.stdin.write(chunk)
+                    await proc.stdin.drain()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the run exited without reading it all: its outcome says why
+    finally:
+        proc.stdin.close()
 
 
 async def _pump(proc, runlog: CappedLog) -> None:

@@ -79,6 +79,9 @@ class RunSpec(_Frozen):
     command: list[str] = Field(min_length=1, description="argv run inside the sandbox.")
     mounts: list[Mount] = Field(default_factory=list, description="Extra mounts; output_dir is added at /out.")
     env: dict[str, str] = Field(default_factory=dict, description="The complete environment; nothing is inherited.")
+    stdin: list[Path] = Field(default_factory=list, description="Host files streamed, in order, to the "
+                              "run's stdin, then end-of-file; none: stdin is empty. For data the run may "
+                              "read once but must not find as a file (the validation split).")
     output_dir: Path = Field(description="Host folder mounted read-write at /out (result.json, progress.jsonl).")
     log_path: Path = Field(description="Host file that receives stdout+stderr, capped.")
     gpu: str | None = Field(default=None, description="Device id of the leased GPU; None: CPU only.")
@@ -123,6 +126,13 @@ class RunSpec(_Frozen):
     def _absolute(cls, v: Path) -> Path:
         if not v.is_absolute():
             raise ValueError(f"host paths must be absolute, got {str(v)!r}")
+        return v
+
+    @field_validator("stdin")
+    @classmethod
+    def _absolute_inputs(cls, v: list[Path]) -> list[Path]:
+        for path in v:
+            cls._absolute(path)
         return v
 
     @model_validator(mode="after")

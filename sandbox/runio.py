@@ -249,6 +249,17 @@ class DiskWatch:
                 f"(/out and its cache), more than the {self.cap_bytes / 1e9:g} GB allowed")
 
 
+STDIN_CHUNK = 1 << 20
+
+
+def stream_files(paths: list[Path], write: Callable[[bytes], object]) -> None:
+    """Hand the files' bytes, in order and in chunks, to `write` (a run's stdin)."""
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(STDIN_CHUNK):
+                write(chunk)
+
+
 def writable_folders(spec: RunSpec) -> list[Path]:
     return [spec.output_dir, *(m.source for m in spec.mounts if not m.read_only)]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import shutil
 import time
@@ -31,7 +32,8 @@ Reporter = Callable[[float, str], Awaitable[None]]
 """Called with (seconds since the call began, one human-readable line) at least every interval."""
 
 COMMAND = ["python3", "-m", "trainer.run", "--program", "/work/program.toml", "--train", "/work/train.py",
-           "--data", "/data", "--out", "/out"]
+           "--data", "/data", "--out", "/out", "--val-stdin"]
+VAL_FILES = ("val.bin", "val.idx.npy")  # the validation split: streamed on stdin, never mounted
 MAX_DESCRIPTION = 500
 
 logger = log.get("experiment")
@@ -209,17 +211,30 @@ class Experiments:
         shutil.copyfile(self.lab.program_toml, run_dir / "program.toml")
         return run_dir, out, run_dir / "log.txt"
 
+    def _data_inputs(self, run_dir: Path) -> tuple[list[Mount], list[Path]]:
+        """/data as the run sees it — the data folder's files but the validation split (and no
+        sub-folders: raw downloads hold validation text too) — and the stdin that carries that split
+        to the harness, which reads it before train.py starts."""
+        data = self.lab.data_dir.resolve()
+        mounts = [Mount(source=f, target=f"/data/{f.name}") for f in sorted(data.iterdir())
+                  if f.is_file() and f.name not in VAL_FILES]
+        val = [data / name for name in VAL_FILES]
+        header = run_dir / "val-stream.json"
+        header.write_text(json.dumps({f.name: f.stat().st_size for f in val}) + "\n")
+        return mounts, [header, *val]
+
     def _spec(self, pending: Pending, gpu: str | None) -> RunSpec:
         run_dir, out, log_path = self._prepare_run_dir(pending)
         program = self.lab.program()
         env = base_env()
+        data_mounts, stdin = self._data_inputs(run_dir)
         return RunSpec(
             run_id=self.lab.sandbox_id(pending.record.run_id), image=self.image, command=list(COMMAND),
             mounts=[Mount(source=run_dir / "train.py", target="/work/train.py"),
                     Mount(source=run_dir / "program.toml", target="/work/program.toml"),
-                    Mount(source=self.lab.data_dir.resolve(), target="/data"),
+                    *data_mounts,
                     Mount(source=self.lab.cache_dir(pending.record.agent), target="/cache", read_only=False)],
-            env=env, output_dir=out, log_path=log_path, gpu=gpu,
+            stdin=stdin, env=env, output_dir=out, log_path=log_path, gpu=gpu,
             deadline_s=program.budget_s + program.grace_s + self.lab.config.startup_allowance_s,
             labels={"autoresearch.agent": pending.record.agent, "autoresearch.lab": str(self.lab.root),
                     "autoresearch.run-id": pending.record.run_id},

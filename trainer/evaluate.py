@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from trainer.baseline import target_histogram, unigram_bpb_of_histogram
 from trainer.config import ProgramConfig, TrainerError
 from trainer.loader import BatchStream
-from trainer.shards import open_split
+from trainer.shards import TokenSplit, open_split
 from trainer.tokenizer import load_token_bytes
 
 EVAL_SEED = 20260311  # fixed for all programs and runs: the same rows every time
@@ -111,10 +111,11 @@ def check_causality(model, row: torch.Tensor, vocab_size: int, autocast_dtype: t
             f"earlier tokens (check the attention mask and that inputs are not shifted)")
 
 
-def eval_rows_numpy(data_dir, program: ProgramConfig) -> list[np.ndarray]:
-    """The fixed evaluation batches: eval_tokens // (eval_batch_size * seq_len) of them."""
+def eval_rows_numpy(data_dir, program: ProgramConfig, val: TokenSplit | None = None) -> list[np.ndarray]:
+    """The fixed evaluation batches: eval_tokens // (eval_batch_size * seq_len) of them, from the
+    validation split in data_dir or the one given."""
     n_batches = program.eval_tokens // (program.eval_batch_size * program.seq_len)
-    stream = BatchStream(open_split(data_dir, "val"), program.eval_batch_size, program.seq_len + 1,
+    stream = BatchStream(val or open_split(data_dir, "val"), program.eval_batch_size, program.seq_len + 1,
                          seed=EVAL_SEED, prefetch=2)
     try:
         return [stream.next_array() for _ in range(n_batches)]
@@ -122,9 +123,10 @@ def eval_rows_numpy(data_dir, program: ProgramConfig) -> list[np.ndarray]:
         stream.close()
 
 
-def evaluate_program(model, data_dir, program: ProgramConfig, device: torch.device) -> dict:
+def evaluate_program(model, data_dir, program: ProgramConfig, device: torch.device,
+                     val: TokenSplit | None = None) -> dict:
     """val_bpb of `model` and the unigram baseline on the very same targets."""
-    arrays = eval_rows_numpy(data_dir, program)
+    arrays = eval_rows_numpy(data_dir, program, val)
     token_bytes = load_token_bytes(data_dir)
     counts = np.load(f"{data_dir}/train_counts.npy")
     hist = target_histogram((a[:, 1:] for a in arrays), len(token_bytes))

@@ -5,9 +5,10 @@ Usage:
 
 Writes /out/result.json and /out/progress.jsonl, prints a summary block, exits 0 when the
 status is ok and 1 on a crash. val_bpb is computed here, from the submitted model, never by
-train.py. Not protected: train.py runs in this process (runpy) with /data readable, so
-determined code could reach the harness's memory or val.bin; scoring an exported model in a
-separate process that alone sees validation data closes that (evaluate_program takes any module).
+train.py. In the sandbox the validation split is not in /data: it arrives on stdin (--val-stdin)
+and is read before train.py starts. Not protected: train.py runs in this process (runpy), so
+determined code could still reach the harness's memory; scoring an exported model in a separate
+process that alone sees validation data would close that.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (RSS)
 
 
-def score(run: api.Run, device, result: dict) -> None:
+def score(run: api.Run, device, result: dict, val=None) -> None:
     """Evaluate the submitted model and fill timing, throughput and MFU fields."""
     from trainer.evaluate import evaluate_program
     from trainer.flops import count_params, flops_per_token, mfu_percent, peak_flops
@@ -121,7 +122,7 @@ def score(run: api.Run, device, result: dict) -> None:
     run.log.emit("eval", eval_tokens=program.eval_tokens)
     t0 = time.monotonic()
     try:
-        scores = evaluate_program(run.model, run.data_dir, program, device)
+        scores = evaluate_program(run.model, run.data_dir, program, device, val)
     except Exception as e:  # noqa: BLE001 — a model that cannot be scored is the run's crash
         raise Crash(f"evaluation failed: {type(e).__name__}: {e}".splitlines()[0], tail(e)) from e
     result["eval_seconds"] = round(time.monotonic() - t0, 2)
@@ -155,8 +156,12 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def execute(program_path: Path, train_path: Path, data_dir: Path, out_dir: Path) -> dict:
-    """The whole run; returns the result dict (already written to out_dir/result.json)."""
+def execute(program_path: Path, train_path: Path, data_dir: Path, out_dir: Path, val_stdin: bool = False) -> dict:
+    """The whole run; returns the result dict (already written to out_dir/result.json).
+
+    With val_stdin the validation split is read from stdin before train.py starts (see
+    trainer.shards.read_split_stream) instead of from data_dir, where the sandbox leaves it out.
+    """
     t0 = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
     log = api.ProgressLog(out_dir / "progress.jsonl")
@@ -171,6 +176,15 @@ def execute(program_path: Path, train_path: Path, data_dir: Path, out_dir: Path)
             raise Crash(f"{train_path}: train.py not found")
         if not (data_dir / "meta.json").is_file():
             raise Crash(f"{data_dir} holds no prepared data (no meta.json): run trainer.prepare first")
+        val = None
+        if val_stdin:
+            from trainer.shards import read_split_stream
+
+            try:
+                val = read_split_stream(sys.stdin.buffer, data_dir)
+            except ValueError as e:
+                raise Crash(f"the validation split on stdin is unreadable: {e}") from e
+            sys.stdin.close()
         device = setup_torch(program, t0)
         run = api.begin(program, data_dir, log)
         run.started = t0
@@ -181,7 +195,7 @@ def execute(program_path: Path, train_path: Path, data_dir: Path, out_dir: Path)
             pass  # crash_reason is set
         if run.crash_reason:  # train.py caught our exception and carried on
             raise Crash(run.crash_reason)
-        score(run, device, result)
+        score(run, device, result, val)
         result.update(status="ok")
     except Crash as e:
         result.update(status="crash", reason=e.reason, traceback_tail=e.tb, val_bpb=None)
@@ -205,8 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train", required=True, type=Path, help="the train.py to run")
     ap.add_argument("--data", required=True, type=Path, help="the prepared data folder")
     ap.add_argument("--out", required=True, type=Path, help="folder for result.json, progress.jsonl")
+    ap.add_argument("--val-stdin", action="store_true",
+                    help="read the validation split from stdin (the sandbox keeps it out of --data)")
     args = ap.parse_args(argv)
-    result = execute(args.program, args.train, args.data, args.out)
+    result = execute(args.program, args.train, args.data, args.out, args.val_stdin)
     if result["traceback_tail"]:
         print(result["traceback_tail"], file=sys.stderr)
     print(summary(result), flush=True)

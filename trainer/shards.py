@@ -7,9 +7,11 @@ plus a final end offset. `meta.json` describes the folder and is written last.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -75,3 +77,28 @@ def open_split(data_dir: Path | str, split: str) -> TokenSplit:
     tokens = np.memmap(data_dir / f"{split}.bin", dtype=np.dtype(meta["token_dtype"]), mode="r")
     offsets = np.load(data_dir / f"{split}.idx.npy")
     return TokenSplit(tokens=tokens, offsets=offsets)
+
+
+def read_split_stream(stream: BinaryIO, data_dir: Path | str) -> TokenSplit:
+    """A split handed over a stream instead of a folder (the validation split, on the run's stdin,
+    so that train.py never finds it as a file): one JSON line naming the byte sizes of
+    `<split>.bin` and `<split>.idx.npy`, then those files' bytes in that order."""
+    line = stream.readline(4096)
+    try:
+        header = json.loads(line)
+    except ValueError:
+        raise ValueError(f"split stream: the first line is not a JSON header: {line[:80]!r}") from None
+    if (not isinstance(header, dict) or len(header) != 2
+            or not all(isinstance(n, int) and n >= 0 for n in header.values())):
+        raise ValueError(f"split stream: bad header {header!r}")
+    parts = {}
+    for name, size in header.items():
+        data = stream.read(size)
+        if len(data) != size:
+            raise ValueError(f"split stream: {name} ended after {len(data)} of {size} bytes")
+        parts["idx" if name.endswith(".idx.npy") else "bin"] = data
+    if set(parts) != {"bin", "idx"}:
+        raise ValueError(f"split stream: expected a .bin and an .idx.npy, got {sorted(header)}")
+    meta = read_meta(data_dir)
+    tokens = np.frombuffer(parts["bin"], dtype=np.dtype(meta["token_dtype"]))
+    return TokenSplit(tokens=tokens, offsets=np.load(io.BytesIO(parts["idx"])))

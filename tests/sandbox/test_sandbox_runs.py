@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from sandbox.models import Limits
+from sandbox.models import Limits, Mount
 from sandbox_testlib import pid_alive
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120, func_only=True)]  # a broken deadline fails fast
@@ -195,3 +195,38 @@ async def test_a_run_within_its_disk_allowance_is_ok(backend, make_spec):
     """, limits=Limits(memory_gb=1, pids=64, shm_gb=0.1, tmpfs_gb=0.1, log_cap_bytes=1 << 16, disk_gb=0.05))
     outcome = await backend.run(spec)
     assert outcome.status == "ok", (outcome.status, outcome.detail, outcome.log_tail)
+
+
+async def test_stdin_files_are_streamed_in_order_then_closed(backend, make_spec, tmp_path):
+    import hashlib
+    import os
+
+    parts = [tmp_path / "a.bin", tmp_path / "b.bin"]
+    parts[0].write_bytes(os.urandom(3 << 20))
+    parts[1].write_bytes(b"tail")
+    spec = make_spec("""
+        import hashlib, json, sys
+        data = sys.stdin.buffer.read()  # returns only at end-of-file
+        json.dump({"n": len(data), "sha": hashlib.sha256(data).hexdigest()}, open(f"{sys.argv[1]}/result.json", "w"))
+    """).model_copy(update={"stdin": parts})
+    outcome = await backend.run(spec)
+    assert outcome.status == "ok", (outcome.detail, outcome.log_tail)
+    whole = parts[0].read_bytes() + parts[1].read_bytes()
+    assert outcome.result == {"n": len(whole), "sha": hashlib.sha256(whole).hexdigest()}
+
+
+async def test_file_mounts_make_their_folder(backend, make_spec, tmp_path):
+    """Mounting files one by one shows a folder with exactly those files (the data without val)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("meta.json", "train.bin", "val.bin"):
+        (data / name).write_text(name)
+    spec = make_spec("""
+        import json, os, sys
+        names = sorted(os.listdir(sys.argv[2]))
+        json.dump({"names": names, "train": open(f"{sys.argv[2]}/train.bin").read()},
+                  open(f"{sys.argv[1]}/result.json", "w"))
+    """, mounts=[Mount(source=data / n, target=f"/data/{n}") for n in ("meta.json", "train.bin")], args=["/data"])
+    outcome = await backend.run(spec)
+    assert outcome.status == "ok", (outcome.detail, outcome.log_tail)
+    assert outcome.result == {"names": ["meta.json", "train.bin"], "train": "train.bin"}

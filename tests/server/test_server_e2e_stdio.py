@@ -135,3 +135,18 @@ async def test_an_edit_that_breaks_causality_is_a_crash_not_a_record(make_lab, t
         assert best["agent_best"]["run_id"] == base["run_id"]
     assert lab_containers() == []
     check_books_agree(root, "alice", [base, leak])
+
+
+async def test_train_py_cannot_find_the_validation_split(make_lab, tiny_data, lab_containers):
+    """/data holds the training split only; the harness gets the validation split on stdin before
+    train.py starts, and still scores the run."""
+    root = make_lab(backend="docker", data_dir=open_dir(tiny_data))
+    async with Client(stdio_params(root, "alice"), read_timeout_seconds=600) as client:
+        await patch(client, "cfg = trainer.program()", "cfg = trainer.program(); import os, sys; "
+                    "seen = sorted(os.listdir('/data')); print('DATA', seen, 'STDIN', sys.stdin.closed); "
+                    "assert 'train.bin' in seen and not [n for n in seen if n.startswith('val')], seen")
+        run = await call(client, "run_experiment", {"description": "looks for validation data"})
+        assert run["status"] == "ok" and run["val_bpb"] > 0, run
+        log = await call(client, "get_log", {"run_id": run["run_id"], "lines": 400})
+        assert "DATA ['meta.json'" in log["text"] and "STDIN True" in log["text"], log["text"][-2000:]
+    assert lab_containers() == []

@@ -1,6 +1,9 @@
 """evaluate_bpb against a hand computation, and the unigram baseline against the model path."""
 
+import io
+import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -9,6 +12,7 @@ import torch
 from trainer.baseline import unigram_bpb, unigram_logprobs
 from trainer.config import load_program
 from trainer.evaluate import EvaluationError, eval_rows_numpy, evaluate_bpb, evaluate_program
+from trainer.shards import read_split_stream
 from trainer_testlib import TINY_TOML
 
 # vocab of 5: ids 0-3 are text tokens of 1, 2, 3 and 1 bytes; id 4 is a special token (0 bytes)
@@ -137,3 +141,32 @@ def test_the_causality_check_can_be_switched_off_by_the_program(tiny_data):
     program = load_program(TINY_TOML).model_copy(update={"check_causality": False})
     scores = evaluate_program(PeekAhead(program.vocab_size), tiny_data, program, torch.device("cpu"))
     assert scores["val_bpb"] < 0.1  # reading the answer off the input: what the check exists to stop
+
+
+def val_stream(data_dir) -> bytes:
+    """The validation split as the sandbox hands it over stdin."""
+    files = [data_dir / "val.bin", data_dir / "val.idx.npy"]
+    header = json.dumps({f.name: f.stat().st_size for f in files}).encode() + b"\n"
+    return header + b"".join(f.read_bytes() for f in files)
+
+
+def test_the_validation_split_over_a_stream_scores_the_same_as_from_the_folder(tiny_data, tmp_path):
+    train_only = tmp_path / "data"
+    shutil.copytree(tiny_data, train_only, ignore=shutil.ignore_patterns("val.*"))
+    val = read_split_stream(io.BytesIO(val_stream(tiny_data)), train_only)
+    program = load_program(TINY_TOML)
+    torch.manual_seed(0)
+    model = Causal(program.vocab_size)
+    from_folder = evaluate_program(model, tiny_data, program, torch.device("cpu"))
+    from_stream = evaluate_program(model, train_only, program, torch.device("cpu"), val)
+    assert from_stream == from_folder
+    with pytest.raises(FileNotFoundError):
+        evaluate_program(model, train_only, program, torch.device("cpu"))  # nothing to score without it
+
+
+@pytest.mark.parametrize("cut", [0, 10, -5])
+def test_a_truncated_or_garbled_split_stream_is_an_error(tiny_data, cut):
+    data = val_stream(tiny_data)
+    broken = b"not json\n" if cut == 0 else data[:cut] if cut > 0 else data[:cut]
+    with pytest.raises(ValueError, match="split stream"):
+        read_split_stream(io.BytesIO(broken), tiny_data)
