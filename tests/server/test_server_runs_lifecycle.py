@@ -59,6 +59,8 @@ async def test_server_killed_mid_run_is_recovered_at_restart(make_lab, tiny_data
         await wait_until(running_container(lab_containers), 60, "the run's container")
         [row] = ledger_rows(root)
         assert row.status == "running"
+        # past its start-up (which reads the validation split from the server): training on its own
+        await wait_until(lambda: '"phase": "train"' in _progress(root, row.run_id), 60, "training to start")
         os.kill(row.owner_pid, signal.SIGKILL)
         await wait_until(lambda: not os.path.exists(f"/proc/{row.owner_pid}"), 10, "the server to die")
         tg.cancel_scope.cancel()
@@ -75,6 +77,11 @@ async def test_server_killed_mid_run_is_recovered_at_restart(make_lab, tiny_data
     rows = ledger_rows(root)
     assert [(r.status, r.kept) for r in rows] == [("interrupted", False), ("ok", True)]
     assert "container was reaped" in rows[0].detail
+
+
+def _progress(root, run_id: str) -> str:
+    path = root / "runs" / run_id / "out" / "progress.jsonl"
+    return path.read_text() if path.exists() else ""
 
 
 async def _shrink_budget(client: Client, root) -> None:
