@@ -17,6 +17,7 @@ import resource
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from sandbox.config import LocalBackendConfig
 from sandbox.errors import SpecError
 from sandbox.models import OUTPUT_TARGET, Reaped, RunOutcome, RunSpec, RunStatus
 from sandbox.reaper import current_owner, judge, process_start
-from sandbox.runio import STDIN_CHUNK, CappedLog, DiskWatch, ProgressFollower, make_outcome, writable_folders
+from sandbox.runio import CappedLog, DiskWatch, ProgressFollower, make_outcome, stream_files, writable_folders
 
 log = structlog.get_logger("sandbox")
 
@@ -116,21 +117,27 @@ class LocalBackend(Backend):
         follower = ProgressFollower(spec.output_dir / "progress.jsonl", on_progress)
         log.warning("local_run_unisolated", run_id=spec.run_id)
         t0 = time.monotonic()
+        stdin_r, stdin_w = os.pipe() if spec.stdin else (asyncio.subprocess.DEVNULL, None)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.PIPE if spec.stdin else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
+                *argv, stdin=stdin_r, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT, cwd=spec.output_dir, env=env, start_new_session=True)
         except OSError as e:
+            if stdin_w is not None:
+                os.close(stdin_w)
             runlog.write(f"[sandbox] could not start {argv[0]}: {e}\n".encode())
             runlog.close()
             shutil.rmtree(views, ignore_errors=True)
             return make_outcome(spec, runlog, "infra-error", None, time.monotonic() - t0, str(e))
+        finally:
+            if stdin_w is not None:
+                os.close(stdin_r)  # the run holds its own copy
+        if stdin_w is not None:
+            threading.Thread(target=_feed, args=(stdin_w, spec.stdin), daemon=True, name="stdin-feed").start()
         _no_core_dumps(proc.pid)
         state = self._record(spec, proc.pid)
         follow_task = asyncio.create_task(follower.follow())
         disk_task = asyncio.create_task(disk.watch(lambda: _killpg(proc.pid)))
-        feed_task = asyncio.create_task(_feed(proc, spec.stdin)) if spec.stdin else None
         pump = asyncio.create_task(_pump(proc, runlog))
         try:
             status, code, detail = await self._supervise(proc, spec, t0)
@@ -146,9 +153,8 @@ class LocalBackend(Backend):
             await asyncio.shield(_settle(proc, pump))
             raise
         finally:
-            for task in (follow_task, disk_task, feed_task):
-                if task is not None:
-                    task.cancel()
+            follow_task.cancel()
+            disk_task.cancel()
             runlog.close()
             state.unlink(missing_ok=True)
             shutil.rmtree(views, ignore_errors=True)
@@ -204,18 +210,13 @@ class LocalBackend(Backend):
         return reaped
 
 
-async def _feed(proc, paths: list[Path]) -> None:
-    """Stream the files into the run's stdin, then close it (end-of-file)."""
+def _feed(fd: int, paths: list[Path]) -> None:
+    """Stream the files into the run's stdin pipe, then close it (end-of-file)."""
     try:
-        for path in paths:
-            with open(path, "rb") as f:
-                while chunk := await asyncio.to_thread(f.read, STDIN_CHUNK):
-                    proc.stdin.write(chunk)
-                    await proc.stdin.drain()
-    except (BrokenPipeError, ConnectionResetError):
+        with open(fd, "wb") as pipe:
+            stream_files(paths, pipe.write)
+    except BrokenPipeError:
         pass  # the run exited without reading it all: its outcome says why
-    finally:
-        proc.stdin.close()
 
 
 async def _pump(proc, runlog: CappedLog) -> None:

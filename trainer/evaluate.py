@@ -79,9 +79,9 @@ def check_causality(model, row: torch.Tensor, vocab_size: int, autocast_dtype: t
     """Raise EvaluationError if the model's logits at a position depend on later tokens.
 
     Every row of one evaluation batch is cut at a random position and its tokens after the cut
-    replaced by other tokens (another row's, shifted); the logits up to the cut must not move. A model that peeks ahead
-    (an attention mask lost in an edit, a shifted input) would score far too well; this catches it
-    before it is scored. It runs in train.py's process, so it stops mistakes, not determined cheats.
+    replaced by other tokens (another row's, shifted); the logits up to the cut must not move. A
+    model that peeks ahead (an attention mask lost in an edit, a shifted input) would score far too
+    well; this catches it before it is scored. It runs in train.py's process, so it stops mistakes, not determined cheats.
     """
     x = row[:, :-1]
     B, T = x.shape
