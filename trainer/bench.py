@@ -102,8 +102,11 @@ def bench_loader(args: argparse.Namespace) -> None:
 
 def harness_run(program: Path, train: Path, data: Path, out: Path, cache: Path) -> dict:
     """One `python -m trainer.run` in a fresh process; the result plus its whole wall clock."""
+    # the agent's persistent caches, as the sandbox gives them (bytecode: as the local backend does)
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
-           "TRITON_CACHE_DIR": str(cache / "triton"), "PYTHONUNBUFFERED": "1"}
+           "TRITON_CACHE_DIR": str(cache / "triton"), "PYTHONPYCACHEPREFIX": str(cache / "pycache"),
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     t0 = time.monotonic()
     with open(out.with_suffix(".log"), "w") as log:
         subprocess.run([sys.executable, "-m", "trainer.run", "--program", str(program), "--train",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import runpy
 import statistics
@@ -126,6 +127,7 @@ def score(run: api.Run, device, result: dict, val=None) -> None:
     except Exception as e:  # noqa: BLE001 — a model that cannot be scored is the run's crash
         raise Crash(f"evaluation failed: {type(e).__name__}: {e}".splitlines()[0], tail(e)) from e
     result["eval_seconds"] = round(time.monotonic() - t0, 2)
+    print("harness: eval s: " + ", ".join(f"{k} {v:.2f}" for k, v in scores["seconds"].items()), flush=True)
     if not math.isfinite(scores["val_bpb"]):
         raise Crash(f"evaluation gave val_bpb {scores['val_bpb']}: the model's logits are not finite")
     result.update(val_bpb=round(scores["val_bpb"], 6), unigram_bpb=round(scores["unigram_bpb"], 6))
@@ -230,4 +232,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # result.json and progress.jsonl are written and closed: skip the interpreter's teardown
+    # (CUDA context, compile workers, tens of GB of cached blocks), which is not the run's work
+    os._exit(code)

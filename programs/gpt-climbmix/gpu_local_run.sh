@@ -32,6 +32,8 @@ echo "== loader benchmark"
   $PY -m trainer.bench loader --seconds 3; } 2>&1 | tee "$OUT/bench.log"
 echo "== train $BUDGET s"
 cp programs/gpt-climbmix/train.py "$WORK/train.py"
-export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor" TRITON_CACHE_DIR="$WORK/triton" PYTHONUNBUFFERED=1
+export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor" TRITON_CACHE_DIR="$WORK/triton" PYTHONUNBUFFERED=1 \
+    PYTHONPYCACHEPREFIX="$WORK/pycache"  # bytecode kept between runs, as the local backend does
+unset PYTHONDONTWRITEBYTECODE
 $PY -m trainer.run --program "$WORK/program.toml" --train "$WORK/train.py" --data "$WORK/data" \
     --out "$OUT/run" 2>&1 | tee "$OUT/run.log"

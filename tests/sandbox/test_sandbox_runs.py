@@ -158,7 +158,18 @@ def test_local_backend_maps_container_paths_to_host_paths(local_backend, make_sp
     assert env["TORCHINDUCTOR_CACHE_DIR"] == f"{spec.output_dir}/inductor"
     assert env["DATABASE"] == "/database"  # only whole path components are mapped
     assert env["CUDA_VISIBLE_DEVICES"] == ""
+    assert env["PYTHONPYCACHEPREFIX"] == str(local_backend.config.state_dir / "pycache")  # kept between runs
     assert json.dumps(env)  # plain strings only
+
+
+async def test_local_runs_keep_bytecode_between_runs(local_backend, make_spec):
+    """A host install without bytecode would recompile its sources (torch: ~10 s) in every run."""
+    prefix = local_backend.config.state_dir / "pycache"
+    spec = make_spec("import json, sys; print(sys.pycache_prefix, json.dumps([1]))")
+    outcome = await local_backend.run(spec)
+    assert outcome.status == "ok", outcome.detail
+    assert str(prefix) in spec.log_path.read_text()
+    assert list(prefix.rglob("json/__init__.*.pyc"))  # the prefix mirrors the source tree
 
 
 async def test_two_labs_may_run_the_same_run_id_at_once(docker_backend, make_spec):
