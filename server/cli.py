@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the (trusted) prepare step with the host's Python instead of the sandbox image")
     p.add_argument("--source", choices=["climbmix", "local", "python-stdlib"], help="override the program's source")
     p.add_argument("--path", action="append", help="local source: a folder or file to read (repeatable; --on-host)")
+    p.add_argument("--glob", action="append", help="local source: only files matching, e.g. '**/*.py' (repeatable)")
     p.add_argument("--max-bytes", type=int, help="cap on text bytes read (local, python-stdlib)")
     p.add_argument("--num-train-shards", type=int, help="climbmix: training shards to download")
     p.add_argument("--base-url", help="climbmix: where shard_NNNNN.parquet files are served")

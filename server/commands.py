@@ -169,6 +169,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             extra += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     for path in args.path or []:
         extra += ["--path", str(Path(path).resolve())]
+    for pattern in args.glob or []:
+        extra += ["--glob", pattern]
     if args.force:
         extra.append("--force")
     return prepare(args.lab, args.program, backend=args.backend, image=args.image, runtime=args.runtime,

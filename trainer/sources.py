@@ -36,7 +36,10 @@ def shard_name(index: int) -> str:
 
 
 def parquet_texts(path: Path, column: str) -> Iterator[str]:
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise SourceError(f"{path}: not a readable parquet file ({e})") from e
     if column not in pf.schema_arrow.names:
         raise SourceError(f"{path}: no column '{column}' (columns: {pf.schema_arrow.names})")
     for i in range(pf.num_row_groups):

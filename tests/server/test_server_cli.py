@@ -129,3 +129,27 @@ async def test_sigterm_to_a_shell_run_cancels_and_records_it(make_lab, tiny_data
     assert (row.status, row.detail) == ("cancelled", "cancelled: stopped by SIGTERM")
     alive = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True).stdout.split()
     assert alive == [], f"the run's processes outlived the command: {alive}"
+
+
+def test_prepare_on_host_reads_only_the_files_the_glob_names(tmp_path):
+    """A local corpus from a folder that also holds data files (site-packages has .parquet tests)."""
+    import sysconfig
+    from pathlib import Path
+
+    corpus = tmp_path / "corpus"
+    (corpus / "pkg").mkdir(parents=True)
+    sources = sorted(Path(sysconfig.get_paths()["stdlib"], "json").glob("*.py"))
+    for i in range(30):  # distinct texts: the split is by content hash
+        for src in sources:
+            (corpus / "pkg" / f"{i}_{src.name}").write_text(f"# copy {i}\n{src.read_text()}")
+    (corpus / "pkg" / "table.parquet").write_bytes(b"PAR1 not a text corpus")
+    lab = tmp_path / "lab"
+    args = ("prepare", PROGRAM, "--lab", str(lab), "--on-host", "--source", "local", "--path", str(corpus))
+    unfiltered = cli(*args, "--backend", "local")
+    assert unfiltered.returncode != 0
+    assert "table.parquet: not a readable parquet file" in unfiltered.stderr  # names the file
+    done = cli(*args, "--glob", "**/*.py")  # the lab exists now: no --backend
+    assert done.returncode == 0, done.stdout + done.stderr
+    meta = json.loads((lab / "data" / "meta.json").read_text())
+    assert meta["fingerprint"]["source"]["globs"] == ["**/*.py"]
+    assert meta["splits"]["train"]["documents"] > 100
