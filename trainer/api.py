@@ -64,6 +64,8 @@ class Run:
     clock_start: float | None = None  # when the charged training time began
     tokens_at_clock_start: int = 0
     last_step: float | None = None
+    tokens_at_last_step: int = 0
+    max_timed_step_tokens: int = 0  # the largest step inside the clock: bounds the free steps
     last_report: float = 0.0
     tokens_at_report: int = 0
     last_loss: float | None = None
@@ -150,8 +152,11 @@ def step(loss) -> bool:
     pending, run.pending_loss = run.pending_loss, loss.detach() if hasattr(loss, "detach") else loss
     run.steps += 1
     now = time.monotonic()
+    tokens = run.tokens
     if run.last_step is not None and run.clock_start is not None:
         run.step_seconds.append(now - run.last_step)
+        run.max_timed_step_tokens = max(run.max_timed_step_tokens, tokens - run.tokens_at_last_step)
+    run.tokens_at_last_step = tokens
     run.last_step = now
     if pending is not None:
         _check_loss(run, pending, run.steps - 1)
@@ -200,6 +205,24 @@ def _report(run: Run, now: float, force: bool = False) -> None:
     loss_s = "-" if loss is None else f"{loss:.6f}"
     print(f"step {run.steps:05d} ({done:5.1f}%) | loss {loss_s} | tok/s {rate_s} "
           f"| remaining {remaining:.0f}s", flush=True)
+
+
+def check_free_steps(run: Run) -> None:
+    """Harness only: the untimed steps may not train on more data than as many timed steps.
+
+    The first `untimed_steps` steps are free so that compilation is not charged; training done
+    there (or before the first step) on more tokens than that many of the largest timed steps is
+    training outside the clock. Counts the tokens drawn from trainer.train_loader.
+    """
+    n = run.program.untimed_steps
+    if n == 0 or run.clock_start is None or run.max_timed_step_tokens == 0:
+        return
+    allowed = n * run.max_timed_step_tokens
+    if run.tokens_at_clock_start > allowed:
+        run.crash_reason = (
+            f"train.py drew {run.tokens_at_clock_start:,} training tokens before the clock started, more "
+            f"than its {n} free steps allow ({n} x {run.max_timed_step_tokens:,}, its largest timed step): "
+            f"all training beyond the free steps must be inside the clock")
 
 
 def check_last_loss(run: Run) -> None:

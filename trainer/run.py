@@ -195,6 +195,8 @@ def execute(program_path: Path, train_path: Path, data_dir: Path, out_dir: Path,
             api.check_last_loss(run)
         except api.TrainingDiverged:
             pass  # crash_reason is set
+        if not run.crash_reason:
+            api.check_free_steps(run)
         if run.crash_reason:  # train.py caught our exception and carried on
             raise Crash(run.crash_reason)
         score(run, device, result, val)

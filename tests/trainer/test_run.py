@@ -83,6 +83,30 @@ def test_swallowing_the_divergence_does_not_help(tmp_path, tiny_data):
     assert result["status"] == "crash" and "loss is nan at step 2" in result["reason"]
 
 
+def test_training_before_the_clock_beyond_the_free_steps_is_a_crash(tmp_path, tiny_data):
+    """The untimed steps are for compiling; a long warm-up before them is training off the clock."""
+    cheat = mini("""
+        if not trainer.step(loss):
+            break
+    """).replace("step = 0\n", "step = 0\nfor _ in range(40):  # 'pre-training', no trainer.step()\n    next(loader)\n")
+    result, _ = run_in_process(tmp_path, tiny_data, cheat + "trainer.submit(model)\n", untimed_steps=2)
+    assert result["status"] == "crash" and result["val_bpb"] is None
+    assert "before the clock started" in result["reason"] and "2 free steps" in result["reason"]
+
+
+def test_big_early_steps_are_not_taken_for_training_off_the_clock(tmp_path, tiny_data):
+    """A batch-size schedule that starts large stays legal: the bound is the largest timed step."""
+    result, _ = run_in_process(tmp_path, tiny_data, mini("""
+        if step <= 3:  # two micro-batches a step at first, one later
+            x, y = next(loader)
+            torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+            opt.step(); opt.zero_grad()
+        if not trainer.step(loss):
+            break
+    """) + "trainer.submit(model)\n", untimed_steps=2)
+    assert result["status"] == "ok", result["reason"]
+
+
 def test_missing_submit_is_a_crash(tmp_path, tiny_data):
     result, _ = run_in_process(tmp_path, tiny_data, mini("""
         if not trainer.step(loss):
