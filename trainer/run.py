@@ -197,7 +197,7 @@ def execute(program_path: Path, train_path: Path, data_dir: Path, out_dir: Path,
             pass  # crash_reason is set
         if not run.crash_reason:
             api.check_free_steps(run)
-        if run.crash_reason:  # train.py caught our exception and carried on
+        if run.crash_reason:  # a check failed (maybe train.py caught our exception and carried on)
             raise Crash(run.crash_reason)
         score(run, device, result, val)
         result.update(status="ok")
