@@ -222,7 +222,7 @@ def check_free_steps(run: Run) -> None:
         run.crash_reason = (
             f"train.py drew {run.tokens_at_clock_start:,} training tokens before the clock started, more "
             f"than its {n} free steps allow ({n} x {run.max_timed_step_tokens:,}, its largest timed step): "
-            f"all training beyond the free steps must be inside the clock")
+            f"draw batches inside the clock (training or preloading data beyond the free steps is charged)")
 
 
 def check_last_loss(run: Run) -> None:
