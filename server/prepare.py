@@ -49,15 +49,30 @@ def open_or_create(root: Path, program: str, *, backend: str | None, image: str 
                 **({"image": image} if image else {}), **({"runtime": runtime} if runtime else {})))
         create_lab(root, program, budget_s=budget_s, backend=cfg, data_dir=data_dir.resolve() if data_dir else None)
         print(f"created lab {root} from program {program}", file=sys.stderr)
-    else:
-        if any(v is not None for v in (backend, image, runtime, budget_s, data_dir)):
-            raise InvalidArgumentError(f"{root} is already a lab: --backend/--image/--runtime/--budget-s/--data-dir apply only "
-                                       "to a new lab (edit lab.json, or pick another --lab)")
     lab = Lab(root)
     if lab.config.program != program_dir(program).name:
         lab.close()
         raise LabStateError(f"lab {root} was made for program {lab.config.program!r}, not {program!r}")
+    differing = _differences(lab, backend=backend, image=image, runtime=runtime, budget_s=budget_s, data_dir=data_dir)
+    if differing:  # the same command run again (say, after a failed prepare) is fine
+        lab.close()
+        raise InvalidArgumentError(f"{root} is already a lab with other settings: {'; '.join(differing)}. These "
+                                   "options only make a new lab (edit lab.json, or pick another --lab)")
     return lab
+
+
+def _differences(lab: Lab, *, backend: str | None, image: str | None, runtime: str | None,
+                 budget_s: float | None, data_dir: Path | None) -> list[str]:
+    """The new-lab options given that disagree with the existing lab, each with what the lab has."""
+    cfg = lab.config.backend
+    has = {"--backend": "local" if isinstance(cfg, LocalBackendConfig) else "docker",
+           "--image": getattr(cfg, "image", None), "--runtime": getattr(cfg, "runtime", None),
+           "--budget-s": lab.program().budget_s, "--data-dir": lab.data_dir.resolve()}
+    given = {"--backend": backend, "--image": image, "--runtime": runtime,
+             "--budget-s": None if budget_s is None else float(budget_s),
+             "--data-dir": None if data_dir is None else data_dir.resolve()}
+    return [f"{flag} {want} (the lab has {has[flag]})" for flag, want in given.items()
+            if want is not None and want != has[flag]]
 
 
 def prepare(root: Path, program: str, *, backend: str | None = None, image: str | None = None,

@@ -132,7 +132,8 @@ async def test_sigterm_to_a_shell_run_cancels_and_records_it(make_lab, tiny_data
 
 
 def test_prepare_on_host_reads_only_the_files_the_glob_names(tmp_path):
-    """A local corpus from a folder that also holds data files (site-packages has .parquet tests)."""
+    """A local corpus from a folder that also holds data files (site-packages has .parquet tests); the
+    same prepare command may run again on the lab a failed one made, other settings are refused."""
     import sysconfig
     from pathlib import Path
 
@@ -144,12 +145,17 @@ def test_prepare_on_host_reads_only_the_files_the_glob_names(tmp_path):
             (corpus / "pkg" / f"{i}_{src.name}").write_text(f"# copy {i}\n{src.read_text()}")
     (corpus / "pkg" / "table.parquet").write_bytes(b"PAR1 not a text corpus")
     lab = tmp_path / "lab"
-    args = ("prepare", PROGRAM, "--lab", str(lab), "--on-host", "--source", "local", "--path", str(corpus))
-    unfiltered = cli(*args, "--backend", "local")
+    args = ("prepare", PROGRAM, "--lab", str(lab), "--backend", "local", "--on-host", "--source", "local",
+            "--path", str(corpus))
+    unfiltered = cli(*args)
     assert unfiltered.returncode != 0
     assert "table.parquet: not a readable parquet file" in unfiltered.stderr  # names the file
-    done = cli(*args, "--glob", "**/*.py")  # the lab exists now: no --backend
+    done = cli(*args, "--glob", "**/*.py")  # the same command again, on the lab the first one made
     assert done.returncode == 0, done.stdout + done.stderr
     meta = json.loads((lab / "data" / "meta.json").read_text())
     assert meta["fingerprint"]["source"]["globs"] == ["**/*.py"]
     assert meta["splits"]["train"]["documents"] > 100
+    other = cli("prepare", PROGRAM, "--lab", str(lab), "--backend", "docker", "--budget-s", "7")
+    assert other.returncode == 2
+    assert "--backend docker (the lab has local); --budget-s 7.0 (the lab has" in other.stderr
+    assert json.loads((lab / "lab.json").read_text())["backend"]["type"] == "local"  # unchanged
