@@ -43,7 +43,8 @@ class _Lines:
 def open_or_create(root: Path, program: str, *, backend: str | None, image: str | None, runtime: str | None,
                    budget_s: float | None, data_dir: Path | None) -> Lab:
     """The lab at `root`, made from `program` first if it is not a lab yet."""
-    if not (root / "lab.json").exists():
+    existed = (root / "lab.json").exists()
+    if not existed:
         cfg: DockerBackendConfig | LocalBackendConfig = (
             LocalBackendConfig() if backend == "local" else DockerBackendConfig(
                 **({"image": image} if image else {}), **({"runtime": runtime} if runtime else {})))
@@ -53,7 +54,8 @@ def open_or_create(root: Path, program: str, *, backend: str | None, image: str 
     if lab.config.program != program_dir(program).name:
         lab.close()
         raise LabStateError(f"lab {root} was made for program {lab.config.program!r}, not {program!r}")
-    differing = _differences(lab, backend=backend, image=image, runtime=runtime, budget_s=budget_s, data_dir=data_dir)
+    differing = existed and _differences(lab, backend=backend, image=image, runtime=runtime, budget_s=budget_s,
+                                         data_dir=data_dir)
     if differing:  # the same command run again (say, after a failed prepare) is fine
         lab.close()
         raise InvalidArgumentError(f"{root} is already a lab with other settings: {'; '.join(differing)}. These "
