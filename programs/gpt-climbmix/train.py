@@ -16,6 +16,7 @@ import gc
 import time
 
 import torch
+import torch._functorch.config
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -161,6 +162,29 @@ def has_value_embedding(layer, depth):
     return layer % 2 == (depth - 1) % 2  # alternating layers, always including the last
 
 
+class SoftcappedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of SOFTCAP * tanh(logits / SOFTCAP), from bf16 logits (rows, vocab).
+
+    The backward keeps only the logits and one log-sum-exp per row and recomputes the softmax;
+    compiled, this trains ~1 % faster than F.cross_entropy on the capped float logits."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        capped = SOFTCAP * torch.tanh(logits.float() / SOFTCAP)
+        lse = torch.logsumexp(capped, dim=-1)
+        ctx.save_for_backward(logits, targets, lse)
+        return (lse - capped.gather(-1, targets[:, None]).squeeze(-1)).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, targets, lse = ctx.saved_tensors
+        t = torch.tanh(logits.float() / SOFTCAP)
+        probs = torch.exp(SOFTCAP * t - lse[:, None])
+        is_target = torch.arange(logits.size(-1), device=logits.device)[None, :] == targets[:, None]
+        grad_logits = (probs - is_target.float()) * (1 - t * t) * (grad / logits.size(0))
+        return grad_logits.to(logits.dtype), None
+
+
 class GPT(nn.Module):
     def __init__(self, vocab_size, dim, depth, n_head, seq_len):
         super().__init__()
@@ -211,11 +235,10 @@ class GPT(nn.Module):
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             window = self.windows[i]
             x = block(x, ve, cos, sin, window, self.block_masks.get(window))
-        logits = self.lm_head(norm(x)).float()
-        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        logits = self.lm_head(norm(x))
         if targets is None:
-            return logits  # what the harness evaluates
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+            return SOFTCAP * torch.tanh(logits.float() / SOFTCAP)  # what the harness evaluates
+        return SoftcappedCrossEntropy.apply(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 
 # -----------------------------------------------------------------------------
@@ -307,6 +330,9 @@ def lr_multiplier(progress):
 
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
+# AOTAutograd's compile cache passes over graphs holding a custom autograd.Function unless told
+# otherwise; without this, every run re-traces the training graph (~8 s of a warm start).
+torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
 device = torch.device(cfg.device)
 sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 t_setup = time.perf_counter()
