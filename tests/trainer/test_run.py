@@ -1,6 +1,8 @@
 """The harness: the tiny program learns and beats unigram; every way train.py fails is a crash result."""
 
 import json
+import math
+import re
 import subprocess
 
 import pytest
@@ -168,3 +170,28 @@ def test_train_py_outside_the_harness_says_how_to_run_it():
     proc = subprocess.run([PYTHON, str(PROGRAMS / "tiny-stdlib" / "train.py")], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "python -m trainer.run" in proc.stderr
+
+
+def test_gpt_climbmix_train_py_trains_scaled_down_on_cpu(tmp_path, tiny_data):
+    """The shipped GPU baseline, its sizes cut to fit a CPU, trains and is scored by the harness
+    (its model, Muon, the soft-capped cross-entropy's backward and the CPU attention path)."""
+    source = (PROGRAMS / "gpt-climbmix" / "train.py").read_text()
+    for name, value in {"DEPTH": 2, "TOTAL_BATCH_TOKENS": 2048, "DEVICE_BATCH_SIZE": 4}.items():
+        source, n = re.subn(rf"(?m)^{name} = .*$", f"{name} = {value}", source)
+        assert n == 1, f"{name} is not set on one line of gpt-climbmix/train.py"
+    train = tmp_path / "train.py"
+    train.write_text(source)
+    program = derive_program(TINY_TOML, tmp_path / "program.toml", budget_s=4, untimed_steps=1)
+    out = tmp_path / "out"
+    proc = subprocess.run([PYTHON, "-m", "trainer.run", "--program", str(program), "--train", str(train),
+                           "--data", str(tiny_data), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=180)
+    result = json.loads((out / "result.json").read_text())
+    assert proc.returncode == 0 and result["status"] == "ok", result["traceback_tail"] or proc.stderr[-3000:]
+    assert "depth 2, dim 128, heads 1" in proc.stdout and "2 x 4 x 256 = 2,048 tokens/step" in proc.stdout
+    train_lines = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()
+                   if json.loads(line)["phase"] == "train"]
+    assert len(train_lines) > 5 and train_lines[-1]["loss"] < train_lines[0]["loss"]
+    print(f"gpt-climbmix scaled down, {result['num_steps']} steps: val_bpb {result['val_bpb']:.4f}, "
+          f"unigram {result['unigram_bpb']:.4f}")
+    assert math.isfinite(result["val_bpb"]) and result["val_bpb"] < result["unigram_bpb"]
