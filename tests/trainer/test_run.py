@@ -189,8 +189,8 @@ def test_gpt_climbmix_train_py_trains_scaled_down_on_cpu(tmp_path, tiny_data):
     result = json.loads((out / "result.json").read_text())
     assert proc.returncode == 0 and result["status"] == "ok", result["traceback_tail"] or proc.stderr[-3000:]
     assert "depth 2, dim 128, heads 1" in proc.stdout and "2 x 4 x 256 = 2,048 tokens/step" in proc.stdout
-    train_lines = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()
-                   if json.loads(line)["phase"] == "train"]
+    lines = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
+    train_lines = [line for line in lines if line["phase"] == "train"]
     assert len(train_lines) > 5 and train_lines[-1]["loss"] < train_lines[0]["loss"]
     print(f"gpt-climbmix scaled down, {result['num_steps']} steps: val_bpb {result['val_bpb']:.4f}, "
           f"unigram {result['unigram_bpb']:.4f}")
