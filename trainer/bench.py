@@ -5,6 +5,7 @@ Usage:
     python -m trainer.bench loader --synthetic [--mean-doc 700]   # web-like document lengths
     python -m trainer.bench run --program P.toml --data DIR --train A.py [--train B.py] [--budget-s 60]
     python -m trainer.bench profile --program P.toml --data DIR --train A.py [--skip 12 --steps 3]
+    python -m trainer.bench quality --program P.toml --data DIR --train A.py --train B.py [--seeds 42,43,44]
 
 `loader` prints tokens/s of the packer+gather (numpy batches) and, with --device, of the full
 loader (pinned copy to the device included). `run` trains each train.py through the harness
@@ -14,7 +15,11 @@ memory and val_bpb, so ratios are measured side by side on one machine, then the
 tokens/s alone on the same data. `profile` runs one
 train.py in this process under the harness, records a few steady steps with torch.profiler and
 prints where the device time goes (kernel families and the top kernels, ms per step), then what
-compilation cost (dynamo's phase times and the compile-cache hits and misses).
+compilation cost (dynamo's phase times and the compile-cache hits and misses). `quality` trains
+each train.py at the full budget once per seed, the files interleaved (their order alternating
+from seed to seed), appends every result to quality.jsonl in --out and prints val_bpb's mean and
+spread per file over all the rows there, and each file's difference from the first, paired by
+seed: one run is a noisy measurement of a training recipe.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -149,23 +155,34 @@ def _f(value, scale: float, spec: str) -> str:
     return "-" if value is None else format(value * scale, spec)
 
 
+def program_copy(source: Path, dest: Path, **overrides) -> Path:
+    """dest: the program at source with top-level settings replaced (None: left as it is)."""
+    text = source.read_text()
+    for key, value in overrides.items():
+        if value is not None:
+            text, n = re.subn(rf"(?m)^{key}\s*=.*$", f"{key} = {value!r}", text)
+            if not n:  # not in the file (a default): top-level keys go before any table
+                text = f"{key} = {value!r}\n" + text
+    dest.write_text(text)
+    load_program(dest)  # a bad override fails here, before any run
+    return dest
+
+
 def bench_folder(args: argparse.Namespace, prefix: str) -> tuple[Path, Path]:
     """The output folder (--out or a new temp folder) and its copy of the program, budget overridden."""
     out = Path(args.out or tempfile.mkdtemp(prefix=prefix))
     out.mkdir(parents=True, exist_ok=True)
-    program = out / "program.toml"
-    text = Path(args.program).read_text()
-    if args.budget_s is not None:
-        text = re.sub(r"(?m)^budget_s\s*=.*$", f"budget_s = {args.budget_s}", text)
-    program.write_text(text)
-    return out, program
+    return out, program_copy(Path(args.program), out / "program.toml", budget_s=args.budget_s)
+
+
+def column_names(trains: list[str]) -> list[str]:
+    names = [Path(t).name for t in trains]
+    return names if len(set(names)) == len(names) else list(trains)  # two train.py: their paths
 
 
 def bench_run(args: argparse.Namespace) -> None:
     out, program = bench_folder(args, "bench-")
-    names = [Path(t).name for t in args.train]
-    if len(set(names)) < len(names):  # two files called train.py: tell them apart by path
-        names = list(args.train)
+    names = column_names(args.train)
     config = load_program(program)
     # The loader alone, at the batch the shipped programs train with (128 rows, or fewer on CPU)
     device = "cuda" if config.device == "cuda" else None
@@ -187,6 +204,74 @@ def bench_run(args: argparse.Namespace) -> None:
         print(f"{name} / {columns[0][0]}, warm: " + ", ".join(ratios(columns[0][2], warm)))
     print("\n".join(loader_lines))
     print(f"(budget {args.budget_s or 'as the program says'} s; logs and results in {out})")
+
+
+def bench_quality(args: argparse.Namespace) -> None:
+    out = Path(args.out or tempfile.mkdtemp(prefix="quality-"))
+    out.mkdir(parents=True, exist_ok=True)
+    names = column_names(args.train)
+    rows_file = out / "quality.jsonl"
+    for r, seed in enumerate(args.seeds):
+        program = program_copy(Path(args.program), out / f"program-seed{seed}.toml",
+                               budget_s=args.budget_s, seed=seed)
+        order = list(enumerate(args.train))
+        for i, train in order if r % 2 == 0 else order[::-1]:  # neither file always runs first
+            result = harness_run(program, Path(train), Path(args.data), out / f"{i}-seed{seed}", out / f"cache-{i}")
+            row = {"train": names[i], "seed": seed, "status": result["status"], "val_bpb": result["val_bpb"],
+                   "num_steps": result["num_steps"], "tokens_per_s": result["tokens_per_s"]}
+            with open(rows_file, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"seed {seed}, {names[i]}: {result['status']}, val_bpb {_f(result['val_bpb'], 1, '.4f')}, "
+                  f"{result['num_steps']} steps", flush=True)
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    print("\n".join(quality_summary(rows, names)))
+    print(f"(all {len(rows)} runs in {rows_file})")
+
+
+def quality_summary(rows: list[dict], names: list[str]) -> list[str]:
+    """val_bpb per file (mean, sample sd, range, steps) and each file minus the first, per seed."""
+    scores = {name: {r["seed"]: r["val_bpb"] for r in rows if r["train"] == name and r["status"] == "ok"}
+              for name in names}  # a seed run twice into one folder: its latest run counts
+    width = max(24, *(len(name) + 2 for name in names))
+    lines = [f"\n{'':24}" + "".join(f"{name:>{width}}" for name in names)]
+
+    def row(label, cell):
+        lines.append(f"{label:24}" + "".join(f"{cell(name):>{width}}" for name in names))
+
+    row("runs ok / all", lambda n: f"{len(scores[n])} / {sum(r['train'] == n for r in rows)}")
+    row("val_bpb mean", lambda n: _f(_mean(scores[n].values()), 1, ".4f"))
+    row("val_bpb sd", lambda n: _f(_sd(scores[n].values()), 1, ".4f"))
+    row("val_bpb min / max", lambda n: " / ".join(_f(f(scores[n].values(), default=None), 1, ".4f")
+                                                  for f in (min, max)))
+    row("steps mean", lambda n: _f(_mean([r["num_steps"] for r in rows if r["train"] == n
+                                          and r["status"] == "ok"]), 1, ".0f"))
+    base = scores[names[0]]
+    for name in names[1:]:
+        seeds = sorted(set(base) & set(scores[name]))
+        diffs = [scores[name][s] - base[s] for s in seeds]
+        lines.append(f"{name} - {names[0]}, paired by seed ({len(seeds)}: {', '.join(map(str, seeds))}): "
+                     f"mean {_f(_mean(diffs), 1, '+.4f')}, sd {_f(_sd(diffs), 1, '.4f')}")
+    return lines
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def _sd(values) -> float | None:
+    values = list(values)
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
+def seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, like 42,43,44; got {text!r}")
+    if len(set(seeds)) < len(seeds):
+        raise argparse.ArgumentTypeError(f"a seed is listed twice in {text!r}")
+    return seeds
 
 
 KERNEL_FAMILIES = [  # (family, name fragments), first match wins; lower-case
@@ -303,8 +388,15 @@ def main(argv: list[str] | None = None) -> None:
     pr.add_argument("--steps", type=int, default=3, help="how many steps to profile")
     pr.add_argument("--top", type=int, default=25, help="how many kernels to list")
     pr.add_argument("--out", help="folder for the run, program.toml and trace.json")
+    qu = sub.add_parser("quality", help="val_bpb over several seeds per train.py, at the full budget")
+    qu.add_argument("--program", required=True, help="program.toml")
+    qu.add_argument("--data", required=True, help="the prepared data folder")
+    qu.add_argument("--train", required=True, action="append", help="a train.py (repeat to compare)")
+    qu.add_argument("--seeds", type=seed_list, default=[42, 43, 44], help="comma-separated (default 42,43,44)")
+    qu.add_argument("--budget-s", type=float, help="override the program's training budget")
+    qu.add_argument("--out", help="folder for runs and quality.jsonl; rows already there are summarised too")
     args = ap.parse_args(argv)
-    {"loader": bench_loader, "run": bench_run, "profile": bench_profile}[args.what](args)
+    {"loader": bench_loader, "run": bench_run, "profile": bench_profile, "quality": bench_quality}[args.what](args)
 
 
 if __name__ == "__main__":

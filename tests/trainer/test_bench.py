@@ -52,3 +52,42 @@ def test_bench_profile_shows_where_step_time_goes(tmp_path, tiny_data):
     assert wall > 0 and 0 < busy
     assert re.search(r"^\s+matmul\s+[\d.]+ ms/step", out, re.M), out  # the tiny GPT's linears
     assert "compile phases" in out
+
+
+def test_bench_quality_runs_each_file_per_seed_and_summarises_the_spread(tmp_path, tiny_data):
+    other = tmp_path / "other.py"
+    other.write_text(TINY_TRAIN.read_text())
+    out_dir = tmp_path / "quality"
+    common = ["quality", "--program", str(TINY_TOML), "--data", str(tiny_data), "--train", str(TINY_TRAIN),
+              "--train", str(other), "--budget-s", "1", "--out", str(out_dir)]
+    bench(*common, "--seeds", "7,8")
+    rows = [json.loads(line) for line in (out_dir / "quality.jsonl").read_text().splitlines()]
+    # seed 7: train.py first; seed 8: the order turned round
+    assert [(r["seed"], r["train"]) for r in rows] == [(7, "train.py"), (7, "other.py"),
+                                                       (8, "other.py"), (8, "train.py")]
+    assert all(r["status"] == "ok" and 0 < r["val_bpb"] < 20 for r in rows), rows
+    assert "seed = 8\n" in (out_dir / "program-seed8.toml").read_text()
+    assert "budget_s = 1.0\n" in (out_dir / "program-seed8.toml").read_text()
+
+    # a second call into the same folder adds its runs to the summary
+    text = bench(*common, "--seeds", "9")
+    rows = [json.loads(line) for line in (out_dir / "quality.jsonl").read_text().splitlines()]
+    assert len(rows) == 6
+    assert figures(text, "runs ok / all") == ["3 / 3", "3 / 3"]
+    score = {(r["train"], r["seed"]): r["val_bpb"] for r in rows}
+    for column, name in enumerate(("train.py", "other.py")):
+        values = [score[name, s] for s in (7, 8, 9)]
+        assert float(figures(text, "val_bpb mean")[column]) == round(sum(values) / 3, 4)
+        assert figures(text, "val_bpb min / max")[column] == f"{min(values):.4f} / {max(values):.4f}"
+    diffs = [score["other.py", s] - score["train.py", s] for s in (7, 8, 9)]
+    paired = re.search(r"^other\.py - train\.py, paired by seed \(3: 7, 8, 9\): mean ([+-][\d.]+), sd ([\d.]+)$",
+                       text, re.M)
+    assert paired and float(paired.group(1)) == round(sum(diffs) / 3, 4), text
+
+
+def test_bench_quality_refuses_a_bad_seed_list_before_any_run(tmp_path, tiny_data):
+    proc = subprocess.run([PYTHON, "-m", "trainer.bench", "quality", "--program", str(TINY_TOML), "--data",
+                           str(tiny_data), "--train", str(TINY_TRAIN), "--seeds", "7,x", "--out",
+                           str(tmp_path / "q")], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "expected comma-separated integers, like 42,43,44; got '7,x'" in proc.stderr
+    assert not (tmp_path / "q").exists()
