@@ -18,8 +18,9 @@ prints where the device time goes (kernel families and the top kernels, ms per s
 compilation cost (dynamo's phase times and the compile-cache hits and misses). `quality` trains
 each train.py at the full budget once per seed, the files interleaved (their order alternating
 from seed to seed), appends every result to quality.jsonl in --out and prints val_bpb's mean and
-spread per file over all the rows there, and each file's difference from the first, paired by
-seed: one run is a noisy measurement of a training recipe.
+spread per file over all the rows there (earlier calls' too: a 10-minute slot may hold one run),
+and each file's difference from the folder's first file, paired by seed: one run is a noisy
+measurement of a training recipe.
 """
 
 from __future__ import annotations
@@ -217,19 +218,22 @@ def bench_quality(args: argparse.Namespace) -> None:
         order = list(enumerate(args.train))
         for i, train in order if r % 2 == 0 else order[::-1]:  # neither file always runs first
             result = harness_run(program, Path(train), Path(args.data), out / f"{i}-seed{seed}", out / f"cache-{i}")
-            row = {"train": names[i], "seed": seed, "status": result["status"], "val_bpb": result["val_bpb"],
-                   "num_steps": result["num_steps"], "tokens_per_s": result["tokens_per_s"]}
+            row = {"train": names[i], "path": str(train), "seed": seed, "status": result["status"],
+                   "val_bpb": result["val_bpb"], "num_steps": result["num_steps"],
+                   "tokens_per_s": result["tokens_per_s"]}
             with open(rows_file, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"seed {seed}, {names[i]}: {result['status']}, val_bpb {_f(result['val_bpb'], 1, '.4f')}, "
                   f"{result['num_steps']} steps", flush=True)
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
-    print("\n".join(quality_summary(rows, names)))
+    print("\n".join(quality_summary(rows)))
     print(f"(all {len(rows)} runs in {rows_file})")
 
 
-def quality_summary(rows: list[dict], names: list[str]) -> list[str]:
-    """val_bpb per file (mean, sample sd, range, steps) and each file minus the first, per seed."""
+def quality_summary(rows: list[dict]) -> list[str]:
+    """val_bpb per file name (mean, sample sd, range, steps) and each file minus the first one run
+    into the folder, per seed."""
+    names = list(dict.fromkeys(r["train"] for r in rows))
     scores = {name: {r["seed"]: r["val_bpb"] for r in rows if r["train"] == name and r["status"] == "ok"}
               for name in names}  # a seed run twice into one folder: its latest run counts
     width = max(24, *(len(name) + 2 for name in names))
