@@ -217,7 +217,9 @@ def bench_quality(args: argparse.Namespace) -> None:
                                budget_s=args.budget_s, seed=seed)
         order = list(enumerate(args.train))
         for i, train in order if r % 2 == 0 else order[::-1]:  # neither file always runs first
-            result = harness_run(program, Path(train), Path(args.data), out / f"{i}-seed{seed}", out / f"cache-{i}")
+            slug = re.sub(r"[^\w.-]", "_", names[i])  # folders by file, not by position: calls add up
+            result = harness_run(program, Path(train), Path(args.data), out / f"{slug}-seed{seed}",
+                                 out / f"cache-{slug}")
             row = {"train": names[i], "path": str(train), "seed": seed, "status": result["status"],
                    "val_bpb": result["val_bpb"], "num_steps": result["num_steps"],
                    "tokens_per_s": result["tokens_per_s"]}

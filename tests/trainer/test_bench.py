@@ -74,6 +74,8 @@ def test_bench_quality_runs_each_file_per_seed_and_summarises_the_spread(tmp_pat
                  "--budget-s", "1", "--out", str(out_dir), "--seeds", "9")
     rows = [json.loads(line) for line in (out_dir / "quality.jsonl").read_text().splitlines()]
     assert len(rows) == 5 and rows[-1]["path"] == str(other)
+    runs = sorted(p.name for p in out_dir.glob("*-seed*") if p.is_dir())
+    assert runs == ["other.py-seed7", "other.py-seed8", "other.py-seed9", "train.py-seed7", "train.py-seed8"]
     assert figures(text, "runs ok / all") == ["2 / 2", "3 / 3"]  # train.py ran first: the baseline
     score = {(r["train"], r["seed"]): r["val_bpb"] for r in rows}
     for column, (name, seeds) in enumerate((("train.py", (7, 8)), ("other.py", (7, 8, 9)))):
