@@ -137,6 +137,24 @@ def test_a_causal_model_passes_the_causality_check(tiny_data):
     assert math.isfinite(scores["val_bpb"]) and scores["val_bpb"] > 0
 
 
+def test_a_compiled_model_compiles_one_eval_graph_for_the_check_and_the_scoring(tiny_data):
+    """The causality probe is laid out like the scored inputs: a second graph would cost a compile."""
+    program = load_program(TINY_TOML).model_copy(update={"eval_tokens": 4 * 32 * 256})
+    graphs = []
+
+    def backend(gm, example_inputs):  # counts what dynamo hands over, runs it as traced
+        graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    model = Causal(program.vocab_size)
+    plain = evaluate_program(model, tiny_data, program, torch.device("cpu"))
+    compiled = evaluate_program(torch.compile(model, backend=backend, dynamic=False), tiny_data, program,
+                                torch.device("cpu"))
+    assert len(graphs) == 1
+    assert compiled["val_bpb"] == pytest.approx(plain["val_bpb"], rel=1e-5)
+
+
 def test_the_causality_check_can_be_switched_off_by_the_program(tiny_data):
     program = load_program(TINY_TOML).model_copy(update={"check_causality": False})
     scores = evaluate_program(PeekAhead(program.vocab_size), tiny_data, program, torch.device("cpu"))
