@@ -169,10 +169,16 @@ def program_copy(source: Path, dest: Path, **overrides) -> Path:
     return dest
 
 
-def bench_folder(args: argparse.Namespace, prefix: str) -> tuple[Path, Path]:
-    """The output folder (--out or a new temp folder) and its copy of the program, budget overridden."""
+def out_folder(args: argparse.Namespace, prefix: str) -> Path:
+    """--out, made if need be, or a new temp folder."""
     out = Path(args.out or tempfile.mkdtemp(prefix=prefix))
     out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def bench_folder(args: argparse.Namespace, prefix: str) -> tuple[Path, Path]:
+    """The output folder and its copy of the program, budget overridden."""
+    out = out_folder(args, prefix)
     return out, program_copy(Path(args.program), out / "program.toml", budget_s=args.budget_s)
 
 
@@ -208,8 +214,7 @@ def bench_run(args: argparse.Namespace) -> None:
 
 
 def bench_quality(args: argparse.Namespace) -> None:
-    out = Path(args.out or tempfile.mkdtemp(prefix="quality-"))
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_folder(args, "quality-")
     names = column_names(args.train)
     rows_file = out / "quality.jsonl"
     for r, seed in enumerate(args.seeds):

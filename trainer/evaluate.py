@@ -93,8 +93,8 @@ def check_causality(model, row: torch.Tensor, vocab_size: int, autocast_dtype: t
     later = torch.arange(T, device=x.device)[None, :] > cuts[:, None]
     # the probe is laid out as x is (a view of a (B, T+1) row): with other strides a compiled model
     # would compile a second eval graph for it
-    probe = row.clone()[:, :-1]
-    probe.copy_(torch.where(later, x.roll((1, 7), dims=(0, 1)), x))  # other tokens, even with one row
+    probe = torch.empty_like(row)[:, :-1]
+    torch.where(later, x.roll((1, 7), dims=(0, 1)), x, out=probe)  # other tokens, even with one row
     ctx = (torch.autocast(device_type=x.device.type, dtype=autocast_dtype)
            if autocast_dtype is not None else nullcontext())
     with ctx:
