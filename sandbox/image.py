@@ -62,10 +62,11 @@ def _client(client: docker.DockerClient | None) -> docker.DockerClient:
         raise EngineUnavailableError(f"cannot reach the Docker engine ({e}); start dockerd") from e
 
 
-def trainer_requirements(repo_root: Path = REPO_ROOT) -> list[str]:
-    """The image's pip requirements: pyproject.toml's `trainer` extra (torch is pinned separately)."""
-    data = tomllib.loads((repo_root / "pyproject.toml").read_text())
-    return list(data["project"]["optional-dependencies"]["trainer"])
+def trainer_requirements(flavor: Flavor, repo_root: Path = REPO_ROOT) -> list[str]:
+    """The image's pip requirements: pyproject.toml's `trainer` extra, plus its `gpu` extra for the
+    gpu flavour (torch is pinned separately)."""
+    extras = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    return [*extras["trainer"], *(extras["gpu"] if flavor == "gpu" else [])]
 
 
 def image_exists(tag: str, client: docker.DockerClient | None = None) -> bool:
@@ -185,10 +186,10 @@ def download_wheelhouse(
 # Build
 
 
-def _context(repo_root: Path, dest: Path, wheelhouse: Path | None, torch_spec: str) -> None:
+def _context(repo_root: Path, dest: Path, flavor: Flavor, wheelhouse: Path | None, torch_spec: str) -> None:
     """Assemble the build context: Dockerfile.gpu, requirements.txt, trainer/, wheels/."""
     shutil.copy2(repo_root / "Dockerfile.gpu", dest / "Dockerfile.gpu")
-    (dest / "requirements.txt").write_text("\n".join(trainer_requirements(repo_root)) + "\n")
+    (dest / "requirements.txt").write_text("\n".join(trainer_requirements(flavor, repo_root)) + "\n")
     shutil.copytree(repo_root / "trainer", dest / "trainer",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
     wheels = dest / "wheels"
@@ -246,13 +247,13 @@ def build_image(
         buildargs["APT_PACKAGES"] = ""  # both cpu bases already carry python3 + venv
     if offline:
         buildargs["PIP_FLAGS"] = (pip_flags + " --no-index").strip()
-        reqs = [torch_spec, *trainer_requirements(repo_root)]
+        reqs = [torch_spec, *trainer_requirements(flavor, repo_root)]
         py = python_version or PYTHON_VERSIONS[flavor]
         wheelhouse = download_wheelhouse(wheelhouse or DEFAULT_WHEELHOUSE / f"{flavor}-py{py}", reqs,
                                          python_version=py, on_progress=on_progress)
     with tempfile.TemporaryDirectory(prefix="autoresearch-image-", dir=_tmp_near(wheelhouse)) as tmp:
         ctx = Path(tmp)
-        _context(repo_root, ctx, wheelhouse if offline else None, torch_spec)
+        _context(repo_root, ctx, flavor, wheelhouse if offline else None, torch_spec)
         digest = _digest(ctx, buildargs)
         if only_if_stale and _built_from(c, tag, digest):
             _say(on_progress, f"image {tag} is up to date ({digest[:12]})")

@@ -114,7 +114,7 @@ def score(run: api.Run, device, result: dict, val=None) -> None:
     name = __import__("torch").cuda.get_device_name(device) if device.type == "cuda" else None
     fpt = flops_per_token(non_embedding, run.attention, program.seq_len)
     mfu = mfu_percent(fpt, run.tokens - run.tokens_at_clock_start, training, peak_flops(name))
-    result["mfu_percent"] = round(mfu, 2) if mfu is not None else None
+    result["mfu_percent"] = float(f"{mfu:.4g}") if mfu is not None else None  # a tiny model: not 0.0
     result["tokens_per_s"] = round((run.tokens - run.tokens_at_clock_start) / max(training, 1e-9), 1)
     if len(run.step_seconds) >= 2:  # host time between timed steps: the step-time spread
         deciles = statistics.quantiles(run.step_seconds, n=10)

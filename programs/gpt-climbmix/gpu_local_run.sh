@@ -3,6 +3,8 @@
 # prepare a local corpus from the host's own Python sources, benchmark the loader, then train
 # for the full budget with python -m trainer.run.
 #   usage: programs/gpt-climbmix/gpu_local_run.sh OUT_DIR [BUDGET_S]   (from the repo root)
+# train.py runs its sliding windows on cuDNN when the cuDNN frontend (pyproject's `gpu` extra) is
+# importable, else on FlexAttention; its "model:" line says which.
 set -euo pipefail
 OUT=${1:?usage: $0 OUT_DIR [BUDGET_S]}
 BUDGET=${2:-300}

@@ -12,6 +12,7 @@ alternating layers, per-layer residual/x0 scalars, logit soft-cap, sliding-windo
 per optimizer step; linear warmdown over the second half of the budget; bf16; torch.compile.
 """
 
+import functools
 import gc
 import time
 
@@ -53,12 +54,18 @@ MODEL_DIM = -(-DEPTH * ASPECT_RATIO // HEAD_DIM) * HEAD_DIM
 N_HEAD = MODEL_DIM // HEAD_DIM
 
 # -----------------------------------------------------------------------------
-# Attention: FlashAttention-3 when it is installed (never downloaded), else FlexAttention
+# Attention: FlashAttention-3 when installed; else sliding windows on cuDNN's band mask (through
+# the cuDNN frontend, in the GPU image) or FlexAttention, full windows on PyTorch's fused SDPA.
+# Nothing is ever downloaded.
 
 try:
     from flash_attn_interface import flash_attn_func  # FA3, Hopper only
 except ImportError:
     flash_attn_func = None
+try:
+    import cudnn  # the cuDNN frontend's graph API
+except ImportError:
+    cudnn = None
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 
@@ -76,11 +83,108 @@ def sliding_window_mask(window, seq_len, device):
     return create_block_mask(mask_mod, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
 
 
+cudnn_graphs = {}  # (backward, shape, window) -> (built graph, its tensors in call order)
+
+
+def cudnn_window_graph(backward, shape, window):
+    """cuDNN attention graph for bf16 (B, T, H, D) tensors (cuDNN sees them as (B, H, T, D) with
+    these strides, so nothing is copied): query i sees keys i - window < j <= i."""
+    key = (backward, shape, window)
+    if key not in cudnn_graphs:
+        B, T, H, D = shape
+        g = cudnn.pygraph(io_data_type=cudnn.data_type.BFLOAT16, intermediate_data_type=cudnn.data_type.FLOAT,
+                          compute_data_type=cudnn.data_type.FLOAT, handle=cudnn_handle())
+        layout = dict(dim=[B, H, T, D], stride=[T * H * D, D, H * D, 1])
+        stats = dict(dim=[B, H, T, 1], stride=[H * T, T, 1, 1])  # log-sum-exp per query, fp32
+        band = dict(attn_scale=D**-0.5, diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT,
+                    diagonal_band_left_bound=window, diagonal_band_right_bound=0)
+        q, k, v = (g.tensor(data_type=cudnn.data_type.BFLOAT16, **layout) for _ in range(3))
+        if backward:
+            o, do = (g.tensor(data_type=cudnn.data_type.BFLOAT16, **layout) for _ in range(2))
+            lse = g.tensor(data_type=cudnn.data_type.FLOAT, **stats)
+            grads = g.sdpa_backward(q=q, k=k, v=v, o=o, dO=do, stats=lse, **band)
+            for t in grads:
+                t.set_output(True).set_dim(layout["dim"]).set_stride(layout["stride"])
+            tensors = (q, k, v, o, lse, do, *grads)
+        else:
+            o, lse = g.sdpa(q=q, k=k, v=v, generate_stats=True, **band)
+            o.set_output(True).set_dim(layout["dim"]).set_stride(layout["stride"])
+            lse.set_output(True).set_data_type(cudnn.data_type.FLOAT)  # laid out as `stats`
+            tensors = (q, k, v, o, lse)
+        g.build([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        cudnn_graphs[key] = g, tensors
+    return cudnn_graphs[key]
+
+
+@functools.cache
+def cudnn_device_handle(device_index):
+    return cudnn.create_handle()
+
+
+def cudnn_handle():
+    """The cuDNN handle of the current device, on torch's current stream."""
+    handle = cudnn_device_handle(torch.cuda.current_device())
+    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
+    return handle
+
+
+def cudnn_run(backward, window, *tensors):
+    g, graph_tensors = cudnn_window_graph(backward, tuple(tensors[0].shape), window)
+    workspace = torch.empty(g.get_workspace_size(), device=tensors[0].device, dtype=torch.uint8)
+    g.execute(dict(zip(graph_tensors, tensors)), workspace, handle=cudnn_handle())
+
+
+def attention_outputs(q):
+    """Contiguous (output, log-sum-exp) buffers for (B, T, H, D) queries, as cuDNN writes them."""
+    B, T, H, D = q.shape
+    return q.new_empty(B, T, H, D), q.new_empty(B, H, T, 1, dtype=torch.float32)
+
+
+@torch.library.custom_op("gpt::window_attention", mutates_args=())
+def cudnn_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, log-sum-exp per query); a custom op, so torch.compile calls it as one kernel."""
+    out, lse = attention_outputs(q)
+    cudnn_run(False, window, q.contiguous(), k.contiguous(), v.contiguous(), out, lse)
+    return out, lse
+
+
+cudnn_window_attention.register_fake(lambda q, k, v, window: attention_outputs(q))
+
+
+@torch.library.custom_op("gpt::window_attention_backward", mutates_args=())
+def cudnn_window_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                                    lse: torch.Tensor, grad: torch.Tensor, window: int
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv from the forward's inputs and outputs (all contiguous) and the output's gradient."""
+    dq, dk, dv = (x.new_empty(x.shape) for x in (q, k, v))
+    cudnn_run(True, window, q, k, v, out, lse, grad.contiguous(), dq, dk, dv)
+    return dq, dk, dv
+
+
+cudnn_window_attention_backward.register_fake(
+    lambda q, k, v, out, lse, grad, window: tuple(x.new_empty(x.shape) for x in (q, k, v)))
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, ctx.window = inputs
+    ctx.save_for_backward(q.contiguous(), k.contiguous(), v.contiguous(), *output)
+
+
+def _window_attention_grad(ctx, grad, _grad_lse):
+    return *cudnn_window_attention_backward(*ctx.saved_tensors, grad, ctx.window), None
+
+
+cudnn_window_attention.register_autograd(_window_attention_grad, setup_context=_save_for_backward)
+
+
 def attention(q, k, v, window, block_mask):
     """q, k, v: (B, T, H, D); causal attention over the last `window` positions."""
     if flash_attn_func is not None and q.is_cuda:
         out = flash_attn_func(q, k, v, causal=True, window_size=(window - 1, 0))
         return out[0] if isinstance(out, tuple) else out
+    if cudnn is not None and q.is_cuda and q.dtype == torch.bfloat16 and window < q.size(1):
+        return cudnn_window_attention(q, k, v, window)[0]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if not q.is_cuda:  # FlexAttention has no CPU backward: a dense mask is fine for CPU trials
         T = q.size(2)
@@ -218,10 +322,11 @@ class GPT(nn.Module):
                 nn.init.zeros_(block.attn.ve_gate.weight)  # gate starts at 1
 
     def build_block_masks(self):
-        """FlexAttention masks, only where FlexAttention runs: CUDA without FA3, windows shorter
-        than the context (full windows go to fused SDPA; CPU uses a dense mask)."""
+        """FlexAttention masks, only where FlexAttention runs: CUDA without FA3 or the cuDNN
+        frontend, windows shorter than the context (full windows go to fused SDPA; CPU uses a
+        dense mask)."""
         device = self.wte.weight.device
-        if device.type != "cuda" or flash_attn_func is not None:
+        if device.type != "cuda" or flash_attn_func is not None or cudnn is not None:
             return
         self.block_masks = {w: sliding_window_mask(w, self.seq_len, device)
                             for w in sorted(set(self.windows)) if w < self.seq_len}
@@ -352,8 +457,10 @@ grad_accum = max(TOTAL_BATCH_TOKENS // tokens_per_micro, 1)
 loader = trainer.train_loader(DEVICE_BATCH_SIZE, SEQ_LEN)
 autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 n_params = sum(p.numel() for p in raw_model.parameters())
+attention_kind = "dense mask (CPU)" if device.type != "cuda" else (
+    "FA3" if flash_attn_func else "cuDNN band mask" if cudnn else "FlexAttention")
 print(f"model: {n_params / 1e6:.1f}M parameters, depth {DEPTH}, dim {MODEL_DIM}, heads {N_HEAD}, "
-      f"windows {raw_model.windows}, attention {'FA3' if flash_attn_func else 'FlexAttention'}")
+      f"windows {raw_model.windows}, attention {attention_kind}")
 print(f"batch: {grad_accum} x {DEVICE_BATCH_SIZE} x {SEQ_LEN} = {grad_accum * tokens_per_micro:,} tokens/step")
 print(f"setup s: model {t_model - t_setup:.2f}, block masks {t_masks - t_model:.2f}, "
       f"optimizers + loader {time.perf_counter() - t_masks:.2f}")
