@@ -3,7 +3,6 @@ gpt-climbmix's attention on cuDNN against FlexAttention."""
 
 import importlib.util
 import json
-import re
 import subprocess
 
 import pytest
@@ -13,7 +12,7 @@ from trainer.config import load_program
 from trainer.evaluate import evaluate_program
 from trainer.loader import TrainLoader
 from trainer.shards import open_split
-from trainer_testlib import PROGRAMS, PYTHON, REPO, RESULT_KEYS, TINY_TOML, derive_program, mini
+from trainer_testlib import PYTHON, REPO, RESULT_KEYS, TINY_TOML, derive_program, mini, scaled_climbmix
 
 pytestmark = pytest.mark.gpu
 
@@ -75,13 +74,8 @@ def test_gpt_climbmix_windows_on_cudnn_train_like_flex_attention(tmp_path, tiny_
     layers of two heads, a 128-token window in the first (cuDNN or Flex), a full window in the
     second (SDPA)."""
     assert importlib.util.find_spec("cudnn"), "needs nvidia-cudnn-frontend (pyproject's gpu extra)"
-    source = (PROGRAMS / "gpt-climbmix" / "train.py").read_text()
-    for name, value in {"DEPTH": 2, "ASPECT_RATIO": 128, "TOTAL_BATCH_TOKENS": 4096,
-                        "DEVICE_BATCH_SIZE": 8}.items():
-        source, n = re.subn(rf"(?m)^{name} = .*$", f"{name} = {value}", source)
-        assert n == 1, name
-    train = tmp_path / "train.py"
-    train.write_text(source)
+    train = scaled_climbmix(tmp_path / "train.py", DEPTH=2, ASPECT_RATIO=128, TOTAL_BATCH_TOKENS=4096,
+                            DEVICE_BATCH_SIZE=8)
     program = derive_program(TINY_TOML, tmp_path / "program.toml", budget_s=3, untimed_steps=1,
                              device="cuda", autocast="bfloat16")
     runs = {}

@@ -2,13 +2,12 @@
 
 import json
 import math
-import re
 import subprocess
 
 import pytest
 
 from trainer import run as harness
-from trainer_testlib import PROGRAMS, PYTHON, REPO, RESULT_KEYS, TINY_TOML, derive_program, mini
+from trainer_testlib import PROGRAMS, PYTHON, REPO, RESULT_KEYS, TINY_TOML, derive_program, mini, scaled_climbmix
 
 def run_in_process(tmp_path, tiny_data, source: str, **overrides):
     program = derive_program(TINY_TOML, tmp_path / "program.toml",
@@ -175,12 +174,7 @@ def test_train_py_outside_the_harness_says_how_to_run_it():
 def test_gpt_climbmix_train_py_trains_scaled_down_on_cpu(tmp_path, tiny_data):
     """The shipped GPU baseline, its sizes cut to fit a CPU, trains and is scored by the harness
     (its model, Muon, the soft-capped cross-entropy's backward and the CPU attention path)."""
-    source = (PROGRAMS / "gpt-climbmix" / "train.py").read_text()
-    for name, value in {"DEPTH": 2, "TOTAL_BATCH_TOKENS": 2048, "DEVICE_BATCH_SIZE": 4}.items():
-        source, n = re.subn(rf"(?m)^{name} = .*$", f"{name} = {value}", source)
-        assert n == 1, f"{name} is not set on one line of gpt-climbmix/train.py"
-    train = tmp_path / "train.py"
-    train.write_text(source)
+    train = scaled_climbmix(tmp_path / "train.py", DEPTH=2, TOTAL_BATCH_TOKENS=2048, DEVICE_BATCH_SIZE=4)
     program = derive_program(TINY_TOML, tmp_path / "program.toml", budget_s=4, untimed_steps=1)
     out = tmp_path / "out"
     proc = subprocess.run([PYTHON, "-m", "trainer.run", "--program", str(program), "--train", str(train),

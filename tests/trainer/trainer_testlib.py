@@ -29,6 +29,16 @@ def derive_program(src: Path, dest: Path, **overrides) -> Path:
     return dest
 
 
+def scaled_climbmix(dest: Path, **constants) -> Path:
+    """gpt-climbmix's train.py with some of its top-level constants replaced (sizes cut to fit)."""
+    source = (PROGRAMS / "gpt-climbmix" / "train.py").read_text()
+    for name, value in constants.items():
+        source, n = re.subn(rf"(?m)^{name} = .*$", f"{name} = {value}", source)
+        assert n == 1, f"{name} is not set on one line of gpt-climbmix/train.py"
+    dest.write_text(source)
+    return dest
+
+
 def words(i: int, n: int) -> str:
     """Deterministic prose-like filler so BPE has something to merge."""
     vocab = ["alpha", "beta", "gamma", "delta", "packing", "loader", "token", "rows", "résumé",
