@@ -6,21 +6,24 @@ Usage:
     python -m trainer.bench run --program P.toml --data DIR --train A.py [--train B.py] [--budget-s 60]
     python -m trainer.bench profile --program P.toml --data DIR --train A.py [--skip 12 --steps 3]
     python -m trainer.bench quality --program P.toml --data DIR --train A.py --train B.py [--seeds 42,43,44]
+    python -m trainer.bench edits --program P.toml --data DIR --train A.py --train A-edited.py [...]
 
 `loader` prints tokens/s of the packer+gather (numpy batches) and, with --device, of the full
 loader (pinned copy to the device included). `run` trains each train.py through the harness
 twice, back to back — cold (empty compile cache) then warm (the same cache) — and prints one
 column per file: tokens/s, step-time spread, MFU, overhead cold and warm, eval seconds, peak
 memory and val_bpb, so ratios are measured side by side on one machine, then the loader's
-tokens/s alone on the same data. `profile` runs one
-train.py in this process under the harness, records a few steady steps with torch.profiler and
-prints where the device time goes (kernel families and the top kernels, ms per step), then what
-compilation cost (dynamo's phase times and the compile-cache hits and misses). `quality` trains
+tokens/s alone on the same data. `profile` (trainer/stepprofile.py) runs one train.py in this
+process under the harness, records a few steady steps with torch.profiler and prints where the
+device time goes (kernel families and the top kernels, ms per step), then what compilation cost
+(dynamo's phase times and the compile-cache hits and misses). `quality` trains
 each train.py at the full budget once per seed, the files interleaved (their order alternating
 from seed to seed), appends every result to quality.jsonl in --out and prints val_bpb's mean and
 spread per file over all the rows there (earlier calls' too: a 10-minute slot may hold one run),
 and each file's difference from the folder's first file, paired by seed: one run is a noisy
-measurement of a training recipe.
+measurement of a training recipe. `edits` measures what an agent's edits cost besides training:
+the first train.py on an empty compile cache, again on the warm cache, then each further file once
+on that same cache, in order (as one agent's runs share its cache), one row per run.
 """
 
 from __future__ import annotations
@@ -237,6 +240,31 @@ def bench_quality(args: argparse.Namespace) -> None:
     print(f"(all {len(rows)} runs in {rows_file})")
 
 
+def bench_edits(args: argparse.Namespace) -> None:
+    out, program = bench_folder(args, "edits-")
+    names = column_names(args.train)
+    plan = [(names[0], "empty cache", args.train[0]), (names[0], "warm", args.train[0])]
+    plan += [(names[i], "edit", train) for i, train in enumerate(args.train[1:], start=1)]
+    runs = []
+    for i, (name, kind, train) in enumerate(plan):
+        result = harness_run(program, Path(train), Path(args.data), out / f"{i}-{kind.replace(' ', '-')}",
+                             out / "cache")  # one cache for all: one agent's runs
+        runs.append({"train": name, "path": str(train), "cache": kind, **result})
+        print(f"{name} ({kind}): {result['status']}, overhead {result['overhead_seconds']:.1f} s", flush=True)
+    (out / "edits.json").write_text(json.dumps(runs, indent=2))
+    width = max(24, *(len(f"{r['train']} ({r['cache']})") + 2 for r in runs))
+    header = ("status", "overhead s", "startup s", "eval s", "eval graph s", "tokens/s (M)")
+    print(f"\n{'run, in order':{width}}" + "".join(f"{h:>14}" for h in header))
+    for r in runs:
+        parts = r.get("eval_parts_seconds") or {}
+        cells = (r["status"], f"{r['overhead_seconds']:.1f}", f"{r['startup_seconds']:.1f}",
+                 f"{r['eval_seconds']:.1f}", _f(parts.get("causality"), 1, ".1f"),
+                 _f(r.get("tokens_per_s"), 1e-6, ".3f"))
+        print(f"{r['train'] + ' (' + r['cache'] + ')':{width}}" + "".join(f"{c:>14}" for c in cells))
+    print("(eval graph s: the causality check, which compiles the model's eval graph; "
+          f"budget {args.budget_s or 'as the program says'} s; logs and results in {out})")
+
+
 def quality_summary(rows: list[dict]) -> list[str]:
     """val_bpb per file name (mean, sample sd, range, steps) and each file minus the first one run
     into the folder, per seed."""
@@ -285,92 +313,10 @@ def seed_list(text: str) -> list[int]:
     return seeds
 
 
-KERNEL_FAMILIES = [  # (family, name fragments), first match wins; lower-case
-    ("attention: flex", ("flex_attention", "triton_tem_")),
-    ("attention: fused sdpa", ("flash", "fmha", "sdpa", "cudnn")),
-    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "wgmma", "aten::mm", "aten::addmm", "aten::bmm")),
-    ("inductor pointwise/reduction", ("triton_poi", "triton_red", "triton_per")),
-    ("optimizer (foreach)", ("multi_tensor", "foreach")),
-    ("copy / fill", ("memcpy", "memset", "copy", "fill")),
-]
-
-
-def kernel_family(name: str) -> str:
-    low = name.lower()
-    return next((fam for fam, parts in KERNEL_FAMILIES if any(p in low for p in parts)), "other")
-
-
 def bench_profile(args: argparse.Namespace) -> None:
-    """Profile steps skip..skip+steps of one train.py under the harness (this process)."""
-    import collections
+    from trainer.stepprofile import profile_steps
 
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    import trainer
-    from trainer import api
-    from trainer import run as harness
-
-    out, program = bench_folder(args, "profile-")
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    prof = profile(activities=activities)
-    window = {}
-    real_step = api.step
-
-    def step(loss):  # the step count before this call is the number of finished steps
-        done = api._RUN.steps + 1
-        if done == args.skip:
-            sync()
-            prof.start()
-            window["t0"] = time.perf_counter()
-        elif done == args.skip + args.steps and "t0" in window:
-            sync()
-            window["wall"] = time.perf_counter() - window.pop("t0")
-            prof.stop()
-        return real_step(loss)
-
-    trainer.step = step  # train.py calls trainer.step: the package attribute wins over __getattr__
-    try:
-        result = harness.execute(program, Path(args.train), Path(args.data), out / "run")
-    finally:
-        del trainer.step
-    print(f"run: {result['status']} {result['reason'] or ''} startup {result['startup_seconds']} s, "
-          f"eval {result['eval_seconds']} s, tokens/s {result['tokens_per_s']}, MFU {result['mfu_percent']}")
-    if "wall" not in window:
-        print(f"no profile: the run made {result['num_steps']} steps, fewer than {args.skip + args.steps}")
-    else:
-        kernels, calls = collections.Counter(), collections.Counter()
-        for evt in prof.events():
-            if evt.device_type == torch.autograd.DeviceType.CUDA:
-                kernels[evt.name] += evt.time_range.elapsed_us() / 1e3 / args.steps
-                calls[evt.name] += 1
-        what = "kernels"
-        if not kernels:  # a CPU run: the operators' own CPU time instead of kernels
-            what = "CPU operators (self time)"
-            for avg in prof.key_averages():
-                if avg.key.startswith("aten::"):
-                    kernels[avg.key] += avg.self_cpu_time_total / 1e3 / args.steps
-                    calls[avg.key] += avg.count
-        wall_ms = 1e3 * window["wall"] / args.steps
-        families = collections.Counter()
-        for name, ms in kernels.items():
-            families[kernel_family(name)] += ms
-        busy = sum(kernels.values())
-        print(f"\nprofiled steps {args.skip}..{args.skip + args.steps - 1}: {wall_ms:.1f} ms per step "
-              f"wall, {busy:.1f} ms of {what} ({100 * busy / wall_ms:.1f} % busy)")
-        for fam, ms in families.most_common():
-            print(f"  {fam:32} {ms:8.1f} ms/step {100 * ms / wall_ms:6.1f} %")
-        print(f"\ntop {what} (ms per step, calls per step):")
-        for name, ms in kernels.most_common(args.top):
-            print(f"  {ms:8.2f} {calls[name] / args.steps:6.1f}  {name[:110]}")
-        prof.export_chrome_trace(str(out / "trace.json"))
-    from torch._dynamo.utils import compile_times, counters
-
-    print("\ncompile phases (dynamo, seconds over the run):")
-    print(compile_times(repr="str", aggregate=True))
-    print("cache counters:", {k: dict(v) for k, v in counters.items()
-                              if k in ("inductor", "aot_autograd") and v})
+    profile_steps(args, *bench_folder(args, "profile-"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -406,8 +352,16 @@ def main(argv: list[str] | None = None) -> None:
     qu.add_argument("--seeds", type=seed_list, default=[42, 43, 44], help="comma-separated (default 42,43,44)")
     qu.add_argument("--budget-s", type=float, help="override the program's training budget")
     qu.add_argument("--out", help="folder for runs and quality.jsonl; rows already there are summarised too")
+    ed = sub.add_parser("edits", help="what edits cost besides training: files run in order on one compile cache")
+    ed.add_argument("--program", required=True, help="program.toml")
+    ed.add_argument("--data", required=True, help="the prepared data folder")
+    ed.add_argument("--train", required=True, action="append",
+                    help="the base train.py (run on an empty cache, then warm), then each edited copy")
+    ed.add_argument("--budget-s", type=float, help="override the program's training budget")
+    ed.add_argument("--out", help="folder for the runs, the shared cache and edits.json")
     args = ap.parse_args(argv)
-    {"loader": bench_loader, "run": bench_run, "profile": bench_profile, "quality": bench_quality}[args.what](args)
+    {"loader": bench_loader, "run": bench_run, "profile": bench_profile, "quality": bench_quality,
+     "edits": bench_edits}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,8 @@ class Crash(Exception):
 def empty_result() -> dict:
     return {"status": "crash", "reason": None, "val_bpb": None, "unigram_bpb": None,
             "training_seconds": 0.0, "total_seconds": 0.0, "startup_seconds": 0.0,
-            "eval_seconds": 0.0, "peak_memory_mb": 0.0, "mfu_percent": None, "total_tokens": 0,
-            "num_steps": 0, "num_params": 0, "tokens_per_s": None, "step_seconds": None,
+            "eval_seconds": 0.0, "eval_parts_seconds": None, "peak_memory_mb": 0.0, "mfu_percent": None,
+            "total_tokens": 0, "num_steps": 0, "num_params": 0, "tokens_per_s": None, "step_seconds": None,
             "traceback_tail": None}
 
 
@@ -127,6 +127,8 @@ def score(run: api.Run, device, result: dict, val=None) -> None:
     except Exception as e:  # noqa: BLE001 — a model that cannot be scored is the run's crash
         raise Crash(f"evaluation failed: {type(e).__name__}: {e}".splitlines()[0], tail(e)) from e
     result["eval_seconds"] = round(time.monotonic() - t0, 2)
+    # rows, causality (which compiles the model's eval graph), scoring
+    result["eval_parts_seconds"] = {k: round(v, 2) for k, v in scores["seconds"].items()}
     print("harness: eval s: " + ", ".join(f"{k} {v:.2f}" for k, v in scores["seconds"].items()), flush=True)
     if not math.isfinite(scores["val_bpb"]):
         raise Crash(f"evaluation gave val_bpb {scores['val_bpb']}: the model's logits are not finite")
