@@ -249,10 +249,10 @@ def bench_edits(args: argparse.Namespace) -> None:
     for i, (name, kind, train) in enumerate(plan):
         result = harness_run(program, Path(train), Path(args.data), out / f"{i}-{kind.replace(' ', '-')}",
                              out / "cache")  # one cache for all: one agent's runs
-        runs.append({"train": name, "path": str(train), "cache": kind, **result})
-        print(f"{name} ({kind}): {result['status']}, overhead {result['overhead_seconds']:.1f} s", flush=True)
+        runs.append({"run": f"{name} ({kind})", "path": str(train), **result})
+        print(f"{runs[-1]['run']}: {result['status']}, overhead {result['overhead_seconds']:.1f} s", flush=True)
     (out / "edits.json").write_text(json.dumps(runs, indent=2))
-    width = max(24, *(len(f"{r['train']} ({r['cache']})") + 2 for r in runs))
+    width = max(24, *(len(r["run"]) + 2 for r in runs))
     header = ("status", "overhead s", "startup s", "eval s", "eval graph s", "tokens/s (M)")
     print(f"\n{'run, in order':{width}}" + "".join(f"{h:>14}" for h in header))
     for r in runs:
@@ -260,7 +260,7 @@ def bench_edits(args: argparse.Namespace) -> None:
         cells = (r["status"], f"{r['overhead_seconds']:.1f}", f"{r['startup_seconds']:.1f}",
                  f"{r['eval_seconds']:.1f}", _f(parts.get("causality"), 1, ".1f"),
                  _f(r.get("tokens_per_s"), 1e-6, ".3f"))
-        print(f"{r['train'] + ' (' + r['cache'] + ')':{width}}" + "".join(f"{c:>14}" for c in cells))
+        print(f"{r['run']:{width}}" + "".join(f"{c:>14}" for c in cells))
     print("(eval graph s: the causality check, which compiles the model's eval graph; "
           f"budget {args.budget_s or 'as the program says'} s; logs and results in {out})")
 
