@@ -314,6 +314,7 @@ def seed_list(text: str) -> list[int]:
 
 
 def bench_profile(args: argparse.Namespace) -> None:
+    # torch and its profiler: only this command needs them
     from trainer.stepprofile import profile_steps
 
     profile_steps(args, *bench_folder(args, "profile-"))

@@ -8,8 +8,16 @@ dynamo's compile phases and the compile-cache hits and misses.
 from __future__ import annotations
 
 import argparse
+import collections
 import time
 from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import trainer
+from trainer import api
+from trainer import run as harness
 
 KERNEL_FAMILIES = [  # (family, name fragments), first match wins; lower-case
     ("attention: flex", ("flex_attention", "triton_tem_")),
@@ -29,15 +37,6 @@ def kernel_family(name: str) -> str:
 def profile_steps(args: argparse.Namespace, out: Path, program: Path) -> None:
     """Profile steps args.skip..args.skip+args.steps of args.train under the harness (this process),
     with `program` (a copy in the output folder `out`)."""
-    import collections
-
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    import trainer
-    from trainer import api
-    from trainer import run as harness
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     prof = profile(activities=activities)
