@@ -68,22 +68,6 @@ def test_harness_reports_gpu_memory_and_mfu(tmp_path, tiny_data):
     print(json.dumps(result))
 
 
-def first_two_losses(program, train, data, out, says: str, hide: str = "") -> list:
-    """Run train.py through the harness (`hide`: Python run first, e.g. to hide a module); check it
-    ended ok and its stdout `says` so; the losses of steps 1 and 2."""
-    argv = ["trainer.run", "--program", str(program), "--train", str(train), "--data", str(data), "--out", str(out)]
-    proc = subprocess.run([PYTHON, "-c", f"import runpy, sys; {hide}sys.argv = {argv!r}; "
-                           "runpy.run_module('trainer.run', run_name='__main__')"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    result = json.loads((out / "result.json").read_text())
-    assert result["status"] == "ok", result["traceback_tail"] or proc.stderr[-3000:]
-    assert says in proc.stdout
-    lines = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
-    by_step = {line["step"]: line["loss"] for line in lines if line["phase"] == "train" and line["loss"]}
-    # steps 1-3 are always logged, each with the loss of the step before (read one step late)
-    return [by_step.get(step) for step in (2, 3)]
-
-
 def test_gpt_climbmix_windows_on_cudnn_train_like_flex_attention(tmp_path, tiny_data):
     """train.py's sliding windows on cuDNN's band mask (the cuDNN frontend, pyproject's gpu extra)
     train the same model as its FlexAttention fallback: the first two losses agree. Scaled down: two
@@ -94,12 +78,23 @@ def test_gpt_climbmix_windows_on_cudnn_train_like_flex_attention(tmp_path, tiny_
                             DEVICE_BATCH_SIZE=8)
     program = derive_program(TINY_TOML, tmp_path / "program.toml", budget_s=3, untimed_steps=1,
                              device="cuda", autocast="bfloat16")
-    runs = {attention: first_two_losses(program, train, tiny_data, tmp_path / attention.split()[0],
-                                        f"attention {attention}", hide)
-            for attention, hide in (("cuDNN band mask", ""), ("FlexAttention", "sys.modules['cudnn'] = None; "))}
+    runs = {}
+    for attention, hide in (("cuDNN band mask", ""), ("FlexAttention", "sys.modules['cudnn'] = None; ")):
+        out = tmp_path / attention.split()[0]
+        argv = ["trainer.run", "--program", str(program), "--train", str(train), "--data", str(tiny_data),
+                "--out", str(out)]
+        proc = subprocess.run([PYTHON, "-c", f"import runpy, sys; {hide}sys.argv = {argv!r}; "
+                               "runpy.run_module('trainer.run', run_name='__main__')"],
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
+        result = json.loads((out / "result.json").read_text())
+        assert result["status"] == "ok", result["traceback_tail"] or proc.stderr[-3000:]
+        assert f"attention {attention}" in proc.stdout
+        lines = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
+        by_step = {line["step"]: line["loss"] for line in lines if line["phase"] == "train" and line["loss"]}
+        # steps 1-3 are always logged, each with the loss of the step before (read one step late)
+        runs[attention] = [by_step.get(step) for step in (2, 3)]
     cudnn_losses, flex_losses = runs.values()
     print(f"losses of steps 1 and 2: cuDNN {cudnn_losses}, Flex {flex_losses}")
     assert None not in cudnn_losses + flex_losses
     assert cudnn_losses[0] == pytest.approx(flex_losses[0], rel=2e-3)  # the forward pass
     assert cudnn_losses[1] == pytest.approx(flex_losses[1], rel=1e-2)  # after one update: the backward
-
