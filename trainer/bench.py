@@ -230,7 +230,7 @@ def bench_quality(args: argparse.Namespace) -> None:
                                  out / f"cache-{slug}")
             row = {"train": names[i], "path": str(train), "seed": seed, "status": result["status"],
                    "val_bpb": result["val_bpb"], "num_steps": result["num_steps"],
-                   "tokens_per_s": result["tokens_per_s"]}
+                   "tokens_per_s": result["tokens_per_s"], "epochs": result["epochs"]}
             with open(rows_file, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"seed {seed}, {names[i]}: {result['status']}, val_bpb {_f(result['val_bpb'], 1, '.4f')}, "
@@ -284,6 +284,8 @@ def quality_summary(rows: list[dict]) -> list[str]:
                                                   for f in (min, max)))
     row("steps mean", lambda n: _f(_mean([r["num_steps"] for r in rows if r["train"] == n
                                           and r["status"] == "ok"]), 1, ".0f"))
+    row("epochs mean", lambda n: _f(_mean([r["epochs"] for r in rows if r["train"] == n and r["status"] == "ok"
+                                           and r.get("epochs") is not None]), 1, ".2f"))  # rows of older runs lack it
     base = scores[names[0]]
     for name in names[1:]:
         seeds = sorted(set(base) & set(scores[name]))

@@ -43,7 +43,7 @@ def empty_result() -> dict:
     return {"status": "crash", "reason": None, "val_bpb": None, "unigram_bpb": None,
             "training_seconds": 0.0, "total_seconds": 0.0, "startup_seconds": 0.0,
             "eval_seconds": 0.0, "eval_parts_seconds": None, "peak_memory_mb": 0.0, "mfu_percent": None,
-            "total_tokens": 0, "num_steps": 0, "num_params": 0, "tokens_per_s": None, "step_seconds": None,
+            "total_tokens": 0, "epochs": None, "num_steps": 0, "num_params": 0, "tokens_per_s": None, "step_seconds": None,
             "traceback_tail": None}
 
 
@@ -111,6 +111,7 @@ def score(run: api.Run, device, result: dict, val=None) -> None:
     result.update(training_seconds=round(training, 2), num_steps=run.steps,
                   num_params=total_params, total_tokens=run.tokens,
                   startup_seconds=round(run.clock_start - run.started, 2))
+    report_epochs(run, result)
     name = __import__("torch").cuda.get_device_name(device) if device.type == "cuda" else None
     fpt = flops_per_token(non_embedding, run.attention, program.seq_len)
     mfu = mfu_percent(fpt, run.tokens - run.tokens_at_clock_start, training, peak_flops(name))
@@ -135,6 +136,19 @@ def score(run: api.Run, device, result: dict, val=None) -> None:
     result.update(val_bpb=round(scores["val_bpb"], 6), unigram_bpb=round(scores["unigram_bpb"], 6))
 
 
+def report_epochs(run: api.Run, result: dict) -> None:
+    """How many times the run went through its training split. Past one, val_bpb rewards memorising
+    that split as much as modelling the text, and a faster train.py can score worse for it."""
+    from trainer.shards import read_meta
+
+    train_tokens = read_meta(run.data_dir)["splits"]["train"]["tokens"]
+    result["epochs"] = round(run.tokens / train_tokens, 3)
+    if result["epochs"] > 1:
+        print(f"harness: this run saw its {train_tokens:,}-token training split {result['epochs']:.2f} times; "
+              "past one epoch val_bpb also measures memorisation, so compare runs on a bigger corpus",
+              flush=True)
+
+
 def summary(result: dict) -> str:
     """The seed-style block; a grep for '^val_bpb:' finds the score."""
     def fmt(v, spec):
@@ -152,6 +166,7 @@ def summary(result: dict) -> str:
         f"peak_memory_mb:   {result['peak_memory_mb']:.1f}",
         f"mfu_percent:      {fmt(result['mfu_percent'], '.2f')}",
         f"total_tokens_M:   {result['total_tokens'] / 1e6:.1f}",
+        f"epochs:           {fmt(result['epochs'], '.2f')}",
         f"num_steps:        {result['num_steps']}",
         f"num_params_M:     {result['num_params'] / 1e6:.1f}",
     ]

@@ -35,6 +35,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> tiktoken.Encoding:
     bpe = rustbpe.Tokenizer()
     bpe.train_from_iterator(iter(texts), n_merge_vocab, pattern=SPLIT_PATTERN)
     ranks = {bytes(tok): rank for tok, rank in bpe.get_mergeable_ranks()}
+    if len(ranks) < n_merge_vocab:  # every pair merged before the vocabulary was full
+        raise ValueError(f"the tokenizer's training text is too small for a {vocab_size}-token vocabulary: "
+                         f"BPE ran out of pairs to merge at {len(ranks) + len(SPECIAL_TOKENS)} tokens; "
+                         "add text or lower vocab_size")
     return build_encoding(SPLIT_PATTERN, ranks)
 
 

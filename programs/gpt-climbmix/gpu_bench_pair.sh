@@ -15,17 +15,10 @@ BEFORE=$(cd "${3:?before tree}" && pwd)
 PY=${PYTHON:-python3}
 WORK=${WORK:-/tmp/gpt-climbmix-local}
 mkdir -p "$WORK"
-STDLIB=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
-SITE=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-DATA_BLOCK=$'[data]\nkind = "local"\nval_fraction = 0.1\nmax_bytes = 200_000_000'
+source programs/gpt-climbmix/gpu_corpus.sh
 
-# The data, exactly as gpu_local_run.sh prepares it.
-{ sed -e 's/^budget_s = .*/budget_s = 300/' -e 's/^eval_tokens = .*/eval_tokens = 6_291_456/' \
-      -e 's/^tokenizer_train_chars = .*/tokenizer_train_chars = 100_000_000/' -e '/^\[data\]/,$d' \
-      programs/gpt-climbmix/program.toml; echo "$DATA_BLOCK"; } > "$WORK/prepare.toml"
-echo "== prepare"
-$PY -m trainer.prepare --program "$WORK/prepare.toml" --data-dir "$WORK/data" \
-    --path "$SITE" --path "$STDLIB" --glob '**/*.py' > "$OUT/prepare.log" 2>&1
+corpus_program 300 > "$WORK/prepare.toml"  # the data exactly as gpu_local_run.sh prepares it
+prepare_corpus "$WORK/prepare.toml" > "$OUT/prepare.log" 2>&1
 tail -3 "$OUT/prepare.log"
 $PY -m trainer.bench loader --data "$WORK/data" --seconds 3 --device cuda 2>&1 | tee "$OUT/loader.log"
 

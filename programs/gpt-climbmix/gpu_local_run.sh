@@ -11,24 +11,10 @@ BUDGET=${2:-300}
 PY=${PYTHON:-python3}
 WORK=${WORK:-/tmp/gpt-climbmix-local}
 mkdir -p "$OUT" "$WORK"
-STDLIB=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
-SITE=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+source programs/gpt-climbmix/gpu_corpus.sh
 
-# The program as shipped, with the local corpus instead of ClimbMix and an evaluation size
-# that fits that corpus's validation split.
-sed -e "s/^budget_s = .*/budget_s = $BUDGET/" -e 's/^eval_tokens = .*/eval_tokens = 6_291_456/' \
-    -e 's/^tokenizer_train_chars = .*/tokenizer_train_chars = 100_000_000/' -e '/^\[data\]/,$d' \
-    programs/gpt-climbmix/program.toml > "$WORK/program.toml"
-cat >> "$WORK/program.toml" <<TOML
-[data]
-kind = "local"
-val_fraction = 0.1
-max_bytes = 200_000_000
-TOML
-
-echo "== prepare (local: $SITE $STDLIB)"
-$PY -m trainer.prepare --program "$WORK/program.toml" --data-dir "$WORK/data" \
-    --path "$SITE" --path "$STDLIB" --glob '**/*.py' 2>&1 | tee "$OUT/prepare.log"
+corpus_program "$BUDGET" > "$WORK/program.toml"
+prepare_corpus "$WORK/program.toml" 2>&1 | tee "$OUT/prepare.log"
 echo "== loader benchmark"
 { $PY -m trainer.bench loader --data "$WORK/data" --seconds 3 --device cuda
   $PY -m trainer.bench loader --seconds 3; } 2>&1 | tee "$OUT/bench.log"

@@ -99,6 +99,9 @@ def test_bench_quality_runs_each_file_per_seed_and_summarises_the_spread(tmp_pat
         values = [score[name, s] for s in seeds]
         assert float(figures(text, "val_bpb mean")[column]) == round(sum(values) / len(values), 4)
         assert figures(text, "val_bpb min / max")[column] == f"{min(values):.4f} / {max(values):.4f}"
+        epochs = [r["epochs"] for r in rows if r["train"] == name]
+        assert all(e > 0 for e in epochs) and float(figures(text, "epochs mean")[column]) == round(
+            sum(epochs) / len(epochs), 2)
     diffs = [score["other.py", s] - score["train.py", s] for s in (7, 8)]
     paired = re.search(r"^other\.py - train\.py, paired by seed \(2: 7, 8\): mean ([+-][\d.]+), sd ([\d.]+)$",
                        text, re.M)

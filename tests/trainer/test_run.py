@@ -42,6 +42,10 @@ def test_tiny_program_learns_and_beats_unigram(tmp_path, tiny_data):
     assert result["mfu_percent"] is None  # no known GPU
     block = proc.stdout[proc.stdout.rindex("---"):]
     assert f"val_bpb:          {result['val_bpb']:.6f}" in block and "unigram_bpb:" in block
+    train_tokens = json.loads((tiny_data / "meta.json").read_text())["splits"]["train"]["tokens"]
+    assert result["epochs"] == pytest.approx(result["total_tokens"] / train_tokens, abs=1e-3)
+    assert f"epochs:           {result['epochs']:.2f}" in block
+    assert ("times; past one epoch val_bpb also measures memorisation" in proc.stdout) == (result["epochs"] > 1)
     lines = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
     train = [line for line in lines if line["phase"] == "train"]
     assert phases(out)[0] == "startup" and phases(out)[-2:] == ["eval", "done"]
@@ -106,6 +110,21 @@ def test_big_early_steps_are_not_taken_for_training_off_the_clock(tmp_path, tiny
             break
     """) + "trainer.submit(model)\n", untimed_steps=2)
     assert result["status"] == "ok", result["reason"]
+
+
+def test_a_run_past_one_epoch_says_so(tmp_path, tiny_data, capsys):
+    """val_bpb past one epoch also measures memorisation: the result counts the epochs and warns."""
+    result, _ = run_in_process(tmp_path, tiny_data, mini("""
+        for _ in range(200):  # a data-hungry step: many more rows than it trains on
+            next(loader)
+        if not trainer.step(loss):
+            break
+    """) + "trainer.submit(model)\n")
+    train_tokens = json.loads((tiny_data / "meta.json").read_text())["splits"]["train"]["tokens"]
+    assert result["status"] == "ok" and result["epochs"] > 1, result
+    assert result["epochs"] == pytest.approx(result["total_tokens"] / train_tokens, abs=1e-3)
+    assert (f"saw its {train_tokens:,}-token training split {result['epochs']:.2f} times; past one epoch"
+            in capsys.readouterr().out)
 
 
 def test_missing_submit_is_a_crash(tmp_path, tiny_data):
