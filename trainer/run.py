@@ -43,8 +43,8 @@ def empty_result() -> dict:
     return {"status": "crash", "reason": None, "val_bpb": None, "unigram_bpb": None,
             "training_seconds": 0.0, "total_seconds": 0.0, "startup_seconds": 0.0,
             "eval_seconds": 0.0, "eval_parts_seconds": None, "peak_memory_mb": 0.0, "mfu_percent": None,
-            "total_tokens": 0, "epochs": None, "num_steps": 0, "num_params": 0, "tokens_per_s": None, "step_seconds": None,
-            "traceback_tail": None}
+            "total_tokens": 0, "epochs": None, "num_steps": 0, "num_params": 0, "tokens_per_s": None,
+            "step_seconds": None, "traceback_tail": None}
 
 
 def tail(exc: BaseException) -> str:

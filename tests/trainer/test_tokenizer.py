@@ -69,5 +69,5 @@ def test_too_small_vocab_is_a_clear_error():
 
 def test_too_little_text_for_the_vocab_is_a_clear_error():
     """BPE that runs out of pairs would leave fewer ids than vocab_size and break every table later."""
-    with pytest.raises(ValueError, match=r"too small for a 1024-token vocabulary: BPE ran out of pairs to merge at \d+ tokens"):
+    with pytest.raises(ValueError, match=r"too small for a 1024-token vocabulary: BPE ran out of pairs to merge at"):
         train_tokenizer(["def f(x):\n    return x + 1\n"] * 3, vocab_size=1024)
