@@ -20,8 +20,8 @@ device time goes (kernel families and the top kernels, ms per step), then what c
 each train.py at the full budget once per seed, the files interleaved (their order alternating
 from seed to seed), appends every result to quality.jsonl in --out and prints val_bpb's mean and
 spread per file over all the rows there (earlier calls' too: a 10-minute slot may hold one run),
-and each file's difference from the folder's first file, paired by seed: one run is a noisy
-measurement of a training recipe. `edits` measures what an agent's edits cost besides training:
+and each file's difference from the folder's first file, paired by seed, with a sign test: one run
+is a noisy measurement of a training recipe. `edits` measures what an agent's edits cost besides training:
 the first train.py on an empty compile cache, again on the warm cache, then each further file once
 on that same cache, in order (as one agent's runs share its cache), one row per run.
 """
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -290,9 +291,19 @@ def quality_summary(rows: list[dict]) -> list[str]:
     for name in names[1:]:
         seeds = sorted(set(base) & set(scores[name]))
         diffs = [scores[name][s] - base[s] for s in seeds]
+        higher, lower = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
         lines.append(f"{name} - {names[0]}, paired by seed ({len(seeds)}: {', '.join(map(str, seeds))}): "
-                     f"mean {_f(_mean(diffs), 1, '+.4f')}, sd {_f(_sd(diffs), 1, '.4f')}")
+                     f"mean {_f(_mean(diffs), 1, '+.4f')}, sd {_f(_sd(diffs), 1, '.4f')}, "
+                     f"higher at {higher}, lower at {lower} (sign test p {sign_test_p(higher, lower):.3f})")
     return lines
+
+
+def sign_test_p(higher: int, lower: int) -> float:
+    """Two-sided sign test: how likely a split at least this uneven is when either side is as likely
+    (ties left out). Runs of this recipe spread widely, so a mean alone says little."""
+    n = higher + lower
+    tail = sum(math.comb(n, i) for i in range(min(higher, lower) + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def _mean(values) -> float | None:

@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 
+from trainer import bench as bench_module
 from trainer_testlib import PYTHON, REPO, TINY_TOML
 
 TINY_TRAIN = REPO / "programs" / "tiny-stdlib" / "train.py"
@@ -103,9 +104,18 @@ def test_bench_quality_runs_each_file_per_seed_and_summarises_the_spread(tmp_pat
         assert all(e > 0 for e in epochs) and float(figures(text, "epochs mean")[column]) == round(
             sum(epochs) / len(epochs), 2)
     diffs = [score["other.py", s] - score["train.py", s] for s in (7, 8)]
-    paired = re.search(r"^other\.py - train\.py, paired by seed \(2: 7, 8\): mean ([+-][\d.]+), sd ([\d.]+)$",
-                       text, re.M)
+    paired = re.search(r"^other\.py - train\.py, paired by seed \(2: 7, 8\): mean ([+-][\d.]+), sd ([\d.]+), "
+                       r"higher at (\d), lower at (\d) \(sign test p ([\d.]+)\)$", text, re.M)
     assert paired and float(paired.group(1)) == round(sum(diffs) / 2, 4), text
+    higher, lower = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    assert paired.group(3, 4) == (str(higher), str(lower))
+    assert float(paired.group(5)) == round(bench_module.sign_test_p(higher, lower), 3)
+
+
+def test_sign_test_p_values():
+    assert bench_module.sign_test_p(7, 0) == bench_module.sign_test_p(0, 7) == 2 / 128
+    assert bench_module.sign_test_p(5, 1) == 2 * 7 / 64
+    assert bench_module.sign_test_p(1, 1) == bench_module.sign_test_p(0, 0) == 1.0
 
 
 def test_bench_quality_refuses_a_bad_seed_list_before_any_run(tmp_path, tiny_data):
