@@ -281,7 +281,7 @@ class Experiments:
             training_seconds=_num(result.get("training_seconds")),
             total_seconds=_num(result.get("total_seconds")) or round(outcome.wall_s, 3),
             peak_memory_mb=_num(result.get("peak_memory_mb")), num_steps=_int(result.get("num_steps")),
-            detail=reason,
+            epochs=_num(result.get("epochs")), detail=reason,
         )
         if not self.lab.ledger.finish(rec.run_id, status, **fields):
             logger.warning("run_already_final", run_id=rec.run_id)
@@ -307,7 +307,7 @@ def to_result(rec: RunRecord, log_tail: str | None = None) -> ExperimentResult:
     return ExperimentResult(
         run_id=rec.run_id, status=rec.status, description=rec.description, val_bpb=rec.val_bpb, delta=rec.delta,
         kept=rec.kept, decision=rec.decision, commit=rec.commit, training_seconds=rec.training_seconds,
-        total_seconds=rec.total_seconds, peak_memory_mb=rec.peak_memory_mb, num_steps=rec.num_steps,
+        total_seconds=rec.total_seconds, peak_memory_mb=rec.peak_memory_mb, num_steps=rec.num_steps, epochs=rec.epochs,
         reason=rec.detail if rec.status != "ok" else None, log_tail=log_tail,
     )
 

@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS runs (
     total_seconds REAL,
     peak_memory_mb REAL,
     num_steps INTEGER,
+    epochs REAL,
     gpu TEXT,
     detail TEXT,
     owner_pid INTEGER NOT NULL,
@@ -49,7 +50,7 @@ CREATE INDEX IF NOT EXISTS runs_agent ON runs (agent, seq);
 
 FINISH_FIELDS = frozenset(
     {"decision", "val_bpb", "delta", "kept", "commit", "training_seconds", "total_seconds",
-     "peak_memory_mb", "num_steps", "detail"}
+     "peak_memory_mb", "num_steps", "epochs", "detail"}
 )
 
 
@@ -82,8 +83,20 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._add_missing_columns()
         self.owner_pid = os.getpid()
         self.owner_start = process_start_time(self.owner_pid) or "?"
+
+    def _add_missing_columns(self) -> None:
+        """Columns added since a lab's ledger was made, added to it (NULL in the old rows)."""
+        have = {row["name"] for row in self._db.execute("PRAGMA table_info(runs)")}
+        for name, kind in (("epochs", "REAL"),):
+            if name not in have:
+                try:
+                    self._db.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
+                except sqlite3.OperationalError as e:  # another server of this lab added it first
+                    if "duplicate column" not in str(e):
+                        raise
 
     def close(self) -> None:
         with self._lock:

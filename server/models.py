@@ -76,6 +76,7 @@ class RunRecord(BaseModel):
     total_seconds: float | None = None
     peak_memory_mb: float | None = None
     num_steps: int | None = None
+    epochs: float | None = None
     gpu: str | None = None
     detail: str | None = None
     owner_pid: int
@@ -133,6 +134,9 @@ class ExperimentResult(BaseModel):
     total_seconds: float | None = None
     peak_memory_mb: float | None = None
     num_steps: int | None = None
+    epochs: float | None = Field(
+        default=None, description="How many times the run read its training data; past 1, val_bpb also rewards "
+        "memorising that data, so a faster train.py can score worse for it.")
     reason: str | None = Field(default=None, description="Why it failed, in one line, when it did.")
     log_tail: str | None = Field(default=None, description="Last lines of the run log on crash/timeout/oom.")
 

@@ -39,6 +39,7 @@ async def test_experiment_loop_over_stdio(make_lab, tiny_data, lab_containers):
         await patch(client, "EMBED_LR = ", "EMBED_LR = 1e-4")
         base = await call(client, "run_experiment", {"description": "baseline, learning rates 100x too small"})
         assert (base["status"], base["kept"], base["decision"], base["delta"]) == ("ok", True, "keep", None)
+        assert 0 < base["epochs"] < 1, base  # the tiny program reads a fraction of its data in its budget
 
         await call(client, "reset_train", {"to": "baseline"})  # the program's tuned learning rates
         progress: list[tuple[float, str | None]] = []

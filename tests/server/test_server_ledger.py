@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sqlite3
 import subprocess
 import sys
 
 import pytest
 
 from server.errors import NotFoundError
-from server.ledger import Ledger, owner_alive, process_start_time
+from server.ledger import SCHEMA, Ledger, owner_alive, process_start_time
 
 
 @pytest.fixture
@@ -38,6 +39,26 @@ def test_finish_happens_exactly_once(ledger):
     row = ledger.get(rec.run_id)
     assert (row.status, row.val_bpb, row.kept, row.detail, row.gpu) == ("ok", 1.5, True, None, "0")
     assert row.finished_at is not None and row.started_at is not None
+
+
+def test_a_ledger_from_before_the_epochs_column_gains_it_and_keeps_its_rows(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    old_schema = SCHEMA.replace("    epochs REAL,\n", "")
+    assert old_schema != SCHEMA
+    with sqlite3.connect(path) as db:
+        db.executescript(old_schema)
+        db.execute("INSERT INTO runs (run_id, agent, seq, description, status, val_bpb, created_at, owner_pid, "
+                   "owner_start) VALUES ('alice-0001', 'alice', 1, 'baseline', 'ok', 1.25, 0, 1, 'gone')")
+    ledger = Ledger(path)
+    try:
+        old = ledger.get("alice-0001")
+        assert (old.status, old.val_bpb, old.epochs) == ("ok", 1.25, None)
+        rec = ledger.create_run("alice", "next", None)
+        assert ledger.finish(rec.run_id, "ok", val_bpb=1.2, epochs=0.75)
+        assert ledger.get(rec.run_id).epochs == 0.75
+    finally:
+        ledger.close()
+    Ledger(path).close()  # opening it again adds nothing twice
 
 
 def test_finish_rejects_unknown_fields(ledger):

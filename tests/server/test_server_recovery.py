@@ -24,7 +24,8 @@ def orphan_run(lab: Lab, agent: str, description: str) -> str:
     out = lab.run_dir(rec.run_id) / "out"
     out.mkdir(parents=True)
     (out / "result.json").write_text(json.dumps({"status": "ok", "training_seconds": 4.1, "total_seconds": 9.5,
-                                                 "peak_memory_mb": 700.0, "num_steps": 21}))
+                                                 "peak_memory_mb": 700.0, "num_steps": 21,
+                                                 "epochs": 0.4}))
     return rec.run_id
 
 
@@ -51,7 +52,7 @@ async def test_committed_runs_are_finished_from_their_commit(lab):
 
     rows = {r.run_id: r for r in lab.ledger.runs("alice")}
     assert (rows[base].status, rows[base].decision, rows[base].kept, rows[base].commit) == ("ok", "keep", True, kept)
-    assert rows[base].val_bpb == pytest.approx(2.5) and rows[base].num_steps == 21
+    assert rows[base].val_bpb == pytest.approx(2.5) and (rows[base].num_steps, rows[base].epochs) == (21, 0.4)
     assert (rows[worse].status, rows[worse].decision, rows[worse].kept) == ("ok", "discard", False)
     assert rows[worse].delta == pytest.approx(0.2) and rows[worse].commit == dropped
     assert rows[lost].status == "interrupted" and rows[lost].commit is None
