@@ -88,15 +88,14 @@ class Ledger:
         self.owner_start = process_start_time(self.owner_pid) or "?"
 
     def _add_missing_columns(self) -> None:
-        """Columns added since a lab's ledger was made, added to it (NULL in the old rows)."""
-        have = {row["name"] for row in self._db.execute("PRAGMA table_info(runs)")}
-        for name, kind in (("epochs", "REAL"),):
-            if name not in have:
-                try:
-                    self._db.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
-                except sqlite3.OperationalError as e:  # another server of this lab added it first
-                    if "duplicate column" not in str(e):
-                        raise
+        """The epochs column (issue 5, after the first labs were made), NULL in the older rows."""
+        if "epochs" in {row["name"] for row in self._db.execute("PRAGMA table_info(runs)")}:
+            return
+        try:
+            self._db.execute("ALTER TABLE runs ADD COLUMN epochs REAL")
+        except sqlite3.OperationalError as e:  # another server of this lab added it first
+            if "duplicate column" not in str(e):
+                raise
 
     def close(self) -> None:
         with self._lock:
