@@ -1,13 +1,13 @@
 # Sourced by gpu_local_run.sh and gpu_bench_pair.sh (needs PY and WORK): the local corpus that stands
 # in for ClimbMix on a GPU host with no network. By default the host's own Python sources, ~51 M
 # training tokens, which a 300-s run reads ~10 times over; CORPUS_PATHS, CORPUS_GLOBS (both
-# space-separated) and CORPUS_MAX_BYTES take in more text. GPU_RUNS.md's eleventh pass made 371 M
+# space-separated), CORPUS_MAX_BYTES and CORPUS_VAL_FRACTION take in more text. GPU_RUNS.md's eleventh pass made 371 M
 # tokens (~1.35 epochs a run) by adding an unpacked Linux source tree and C/C++ and docs globs.
 STDLIB=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 SITE=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 CORPUS_PATHS=${CORPUS_PATHS:-"$SITE $STDLIB"}
 CORPUS_GLOBS=${CORPUS_GLOBS:-"**/*.py"}
-DATA_BLOCK=$'[data]\nkind = "local"\nval_fraction = 0.1\nmax_bytes = '"${CORPUS_MAX_BYTES:-200_000_000}"
+DATA_BLOCK=$'[data]\nkind = "local"\nval_fraction = '"${CORPUS_VAL_FRACTION:-0.1}"$'\nmax_bytes = '"${CORPUS_MAX_BYTES:-200_000_000}"
 
 corpus_program() {  # $1: budget seconds; prints the program as shipped with this corpus and an
   # evaluation size that fits its validation split (the Python-only one: 5.3 M tokens)
