@@ -83,11 +83,11 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
-        self._add_missing_columns()
+        self._add_epochs_column()
         self.owner_pid = os.getpid()
         self.owner_start = process_start_time(self.owner_pid) or "?"
 
-    def _add_missing_columns(self) -> None:
+    def _add_epochs_column(self) -> None:
         """The epochs column (issue 5, after the first labs were made), NULL in the older rows."""
         if "epochs" in {row["name"] for row in self._db.execute("PRAGMA table_info(runs)")}:
             return
