@@ -278,11 +278,9 @@ class Experiments:
                                         rec.description, trailers, keep)
         fields = dict(
             decision=decision, val_bpb=val, delta=delta, kept=keep, commit=commit,
-            training_seconds=_num(result.get("training_seconds")),
-            total_seconds=_num(result.get("total_seconds")) or round(outcome.wall_s, 3),
-            peak_memory_mb=_num(result.get("peak_memory_mb")), num_steps=_int(result.get("num_steps")),
-            epochs=_num(result.get("epochs")), detail=reason,
+            detail=reason, **measured_fields(result),
         )
+        fields["total_seconds"] = fields["total_seconds"] or round(outcome.wall_s, 3)
         if not self.lab.ledger.finish(rec.run_id, status, **fields):
             logger.warning("run_already_final", run_id=rec.run_id)
         if commit is not None:
@@ -310,6 +308,13 @@ def to_result(rec: RunRecord, log_tail: str | None = None) -> ExperimentResult:
         total_seconds=rec.total_seconds, peak_memory_mb=rec.peak_memory_mb, num_steps=rec.num_steps, epochs=rec.epochs,
         reason=rec.detail if rec.status != "ok" else None, log_tail=log_tail,
     )
+
+
+def measured_fields(result: dict) -> dict:
+    """The ledger's measurement columns from a run's result.json; a missing or malformed figure is None."""
+    return dict(training_seconds=_num(result.get("training_seconds")), total_seconds=_num(result.get("total_seconds")),
+                peak_memory_mb=_num(result.get("peak_memory_mb")), num_steps=_int(result.get("num_steps")),
+                epochs=_num(result.get("epochs")))
 
 
 def _num(v: Any) -> float | None:

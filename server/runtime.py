@@ -8,6 +8,7 @@ import asyncio
 from typing import Any
 
 from server import log
+from server.experiment import measured_fields
 from server.lab import Lab, write_results_row
 from server.ledger import owner_alive
 from server.models import RunRecord
@@ -74,9 +75,7 @@ def _finish_from_commit(lab: Lab, rec: RunRecord) -> bool:
     result = read_result(lab.run_dir(rec.run_id) / "out")[0] or {}
     best = lab.ledger.best(rec.agent)
     delta = val - best.val_bpb if val is not None and best is not None and best.val_bpb is not None else None
-    fields = {k: result.get(k) for k in ("training_seconds", "total_seconds", "peak_memory_mb", "num_steps",
-                                           "epochs")}
-    fields = {k: v if isinstance(v, (int, float)) and not isinstance(v, bool) else None for k, v in fields.items()}
+    fields = measured_fields(result)
     status = "ok" if decision in ("keep", "discard") else decision
     if lab.ledger.finish(rec.run_id, status, decision=decision, val_bpb=val, delta=delta, kept=keep, commit=sha,
                          detail="recorded at restart: the server stopped after committing this run", **fields):
