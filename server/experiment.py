@@ -148,10 +148,11 @@ class Experiments:
             finally:
                 if beat:
                     beat.cancel()
-                self.pending.pop(run_id, None)
             # The run is over: a cancellation now must not leave a half-recorded run behind.
+            pending.status_line = f"finishing: recording the {outcome.status} result"
             return await finish_despite_cancel(asyncio.ensure_future(self._record_or_fail(pending, outcome)))
         finally:
+            self.pending.pop(run_id, None)  # only now: until the ledger row is final, a poll sees a status line
             pending.lock.close()
             self.unsettled -= 1
 

@@ -3,11 +3,15 @@ changes nothing. (Runs go through real stdio and real containers in test_server_
 
 from __future__ import annotations
 
+import threading
+
+import anyio
 import pytest
 from mcp import Client
 from server_helpers import lab_state, make_diff
 
 from server.app import build_server
+from server.history import History
 
 pytestmark = pytest.mark.anyio
 
@@ -109,3 +113,33 @@ async def test_runs_need_prepared_data_and_leave_no_row_without_it(make_lab):
             result = await c.call_tool(tool, {"description": "baseline"})
             assert result.is_error and "autoresearch-mcp prepare" in result.content[0].text
         assert lab_state(root) == before
+
+
+async def test_a_run_being_recorded_is_still_in_flight_with_a_status_line(client, monkeypatch):
+    """Between the sandbox's end and the ledger's final row (the git commit), a poll must still see
+    the run in flight and say what it is doing, never `running` with no progress."""
+    committing, release = threading.Event(), threading.Event()
+    commit_attempt = History.commit_attempt
+
+    def slow_commit(self, *args, **kwargs):
+        committing.set()
+        assert release.wait(60), "the test never released the commit"
+        return commit_attempt(self, *args, **kwargs)
+
+    monkeypatch.setattr(History, "commit_attempt", slow_commit)
+    run_id = (await client.call_tool("start_experiment", {"description": "baseline"})).structured_content["run_id"]
+    try:
+        with anyio.fail_after(120):
+            while not committing.is_set():
+                state = (await client.call_tool("get_experiment", {"run_id": run_id})).structured_content
+                assert not state["finished"] and state["progress"], state
+                await anyio.sleep(0.05)
+        state = (await client.call_tool("get_experiment", {"run_id": run_id})).structured_content
+        assert (state["finished"], state["result"]["status"]) == (False, "running"), state
+        assert state["progress"] == "finishing: recording the ok result", state
+    finally:
+        release.set()
+    with anyio.fail_after(60):
+        while not (state := (await client.call_tool("get_experiment", {"run_id": run_id})).structured_content)["finished"]:
+            await anyio.sleep(0.05)
+    assert state["result"]["status"] == "ok" and state["result"]["kept"] and state["progress"] is None
