@@ -85,18 +85,8 @@ class DockerBackend(Backend):
     # -- run -----------------------------------------------------------------------------------
 
     async def run(self, spec: RunSpec, on_progress: ProgressCallback | None = None) -> RunOutcome:
-        return await self._run(spec, on_progress, network="none")
-
-    async def run_with_network(self, spec: RunSpec, on_progress: ProgressCallback | None = None) -> RunOutcome:
-        """Like run(), hardened the same way, but on the engine's default bridge network.
-
-        For TRUSTED set-up steps only (the data download of `trainer.prepare`); never for an agent's
-        code. Everything else (read-only root, no capabilities, limits, deadline, capped log) holds.
-        """
-        log.warning("run_with_network", run_id=spec.run_id)
-        return await self._run(spec, on_progress, network="bridge")
-
-    async def _run(self, spec: RunSpec, on_progress: ProgressCallback | None, network: str) -> RunOutcome:
+        if spec.network != "none":  # trusted set-up steps only (prepare's download): same hardening otherwise
+            log.warning("run_with_network", run_id=spec.run_id, network=spec.network)
         await asyncio.to_thread(self._prepare, spec)  # may walk a big cache folder: not on the loop
         disk = DiskWatch(writable_folders(spec), spec.limits.disk_gb)
         await asyncio.to_thread(disk.baseline)
@@ -104,7 +94,6 @@ class DockerBackend(Backend):
         follower = ProgressFollower(spec.output_dir / "progress.jsonl", on_progress)
         kwargs = container_kwargs(spec, user=self.user, owner=self.owner, runtime=self.config.runtime,
                                   deadline_unix=time.time() + spec.deadline_s)
-        kwargs["network_mode"] = network
         t0 = time.monotonic()
         start = in_thread(self._start, kwargs, spec.stdin)
         follow_task: asyncio.Task | None = None

@@ -82,7 +82,7 @@ def container_kwargs(
         "hostname": "sandbox",
         "labels": labels,
         "mounts": mounts,
-        "network_mode": "none",
+        "network_mode": spec.network,  # "none" but for trusted set-up steps
         "read_only": True,
         # exec: torch/triton load compiled helpers from temp dirs; noexec would only break them
         "tmpfs": {"/tmp": f"rw,exec,nosuid,nodev,size={_gb(lim.tmpfs_gb)},mode=1777"},

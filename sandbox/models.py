@@ -88,6 +88,9 @@ class RunSpec(_Frozen):
     deadline_s: float = Field(gt=0, description="Hard wall-clock limit from start; the host kills the run then.")
     limits: Limits = Field(default_factory=Limits, description="Resource limits.")
     labels: dict[str, str] = Field(default_factory=dict, description="Extra container labels (not autoresearch-mcp.*).")
+    network: Literal["none", "bridge"] = Field(
+        default="none", description="none (always, for an agent's code); bridge only for TRUSTED set-up steps "
+        "such as prepare's data download. The local backend isolates nothing and ignores it.")
 
     @field_validator("run_id")
     @classmethod
@@ -157,7 +160,6 @@ class RunOutcome(_Frozen):
                               "oom: killed by the memory limit; cancelled; infra-error: the sandbox failed.")
     exit_code: int | None = Field(description="Process exit code; None when it never ran, or the host "
                                    "killed it (deadline, cancellation).")
-    result: dict | None = Field(description="output_dir/result.json when it holds a JSON object, else None.")
     log_path: Path
     log_tail: str = Field(description="Last few KB of the log, for a quick look.")
     wall_s: float = Field(description="Seconds from start to exit (or kill).")

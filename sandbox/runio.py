@@ -264,32 +264,44 @@ def writable_folders(spec: RunSpec) -> list[Path]:
     return [spec.output_dir, *(m.source for m in spec.mounts if not m.read_only)]
 
 
-def read_result(output_dir: Path) -> tuple[dict | None, str]:
-    """output_dir/result.json as a dict, or None with the reason."""
-    path = output_dir / "result.json"
+def read_output(output_dir: Path, name: str, max_bytes: int = RESULT_MAX_BYTES) -> tuple[bytes | None, str]:
+    """A small file the run wrote to its output folder, as bytes, or None with the reason."""
+    path = output_dir / name
     if not os.path.lexists(path):
-        return None, "no result.json"
+        return None, f"no {name}"
     f = open_regular(path)
     if f is None:
-        return None, "result.json is not a regular file (symlinks and pipes are refused)"
+        return None, f"{name} is not a regular file (symlinks and pipes are refused)"
     try:
         with f:
-            if os.fstat(f.fileno()).st_size > RESULT_MAX_BYTES:
-                return None, f"result.json larger than {RESULT_MAX_BYTES} bytes"
-            data = json.loads(f.read(RESULT_MAX_BYTES + 1))
-    except (OSError, ValueError) as e:
-        return None, f"result.json unreadable: {e}"
-    if not isinstance(data, dict):
-        return None, "result.json is not a JSON object"
-    return data, ""
+            if os.fstat(f.fileno()).st_size > max_bytes:
+                return None, f"{name} larger than {max_bytes} bytes"
+            return f.read(max_bytes + 1), ""
+    except OSError as e:
+        return None, f"{name} unreadable: {e}"
+
+
+def copy_output(source: Path, dest: Path, names: tuple[str, ...], max_bytes: int) -> str:
+    """Copy regular files `names` the run wrote under `source` to a host folder `dest` it cannot
+    reach, at most `max_bytes` in all; "" when done, else why not (nothing half-copied is used)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for name in names:
+        f = open_regular(source / name)
+        if f is None:
+            return f"{name} is missing or not a regular file"
+        with f, open(dest / name, "wb") as out:
+            while chunk := f.read(STDIN_CHUNK):
+                total += len(chunk)
+                if total > max_bytes:
+                    return f"the export is larger than {max_bytes / 1e9:g} GB"
+                out.write(chunk)
+    return ""
 
 
 def make_outcome(spec: RunSpec, runlog: CappedLog, status: RunStatus, code: int | None, wall: float,
                  detail: str) -> RunOutcome:
-    """The RunOutcome of a finished run (both backends): the result file, the log tail, the status."""
-    result, why = read_result(spec.output_dir)
-    if result is None and status in ("ok", "crash"):
-        detail = f"{detail}; {why}"
+    """The RunOutcome of a finished run (both backends): the status, the log tail."""
     log.info("run_finished", run_id=spec.run_id, status=status, exit_code=code, wall_s=round(wall, 3))
-    return RunOutcome(run_id=spec.run_id, status=status, exit_code=code, result=result, log_path=spec.log_path,
+    return RunOutcome(run_id=spec.run_id, status=status, exit_code=code, log_path=spec.log_path,
                       log_tail=runlog.tail_text(), wall_s=wall, detail=detail, log_truncated=runlog.truncated)

@@ -1,4 +1,4 @@
-"""One experiment, end to end: ledger row → slot lease → sandbox run → decide → commit → record.
+"""One experiment, end to end: ledger row → slot lease → train and score phases → decide → commit → record.
 
 The ledger row is written `queued` before anything else happens; whatever ends the run (result,
 crash, client cancellation, sandbox failure) finishes that row exactly once. Outcomes are statuses;
@@ -9,41 +9,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import math
-import shutil
 import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import structlog
-from sandbox.base import finish_despite_cancel
-from sandbox.models import Mount, RunOutcome, RunSpec
+from sandbox.base import Backend, finish_despite_cancel
+from sandbox.gpus import SlotPool
+from trainer.contract import TrainResult
 
 from server import log
 from server.errors import InvalidArgumentError, LabStateError
 from server.lab import Lab, check_agent, write_results_row
-from server.models import ExperimentResult, RunRecord
+from server.models import COMMITTED, ExperimentResult, RunRecord
+from server.phases import Attempt, Phases
 
 Reporter = Callable[[float, str], Awaitable[None]]
 """Called with (seconds since the call began, one human-readable line) at least every interval."""
 
-COMMAND = ["python3", "-m", "trainer.run", "--program", "/work/program.toml", "--train", "/work/train.py",
-           "--data", "/data", "--out", "/out", "--val-stdin"]
-VAL_FILES = ("val.bin", "val.idx.npy")  # the validation split: streamed on stdin, never mounted
 MAX_DESCRIPTION = 500
 
 logger = log.get("experiment")
 LIVE: weakref.WeakSet[Experiments] = weakref.WeakSet()  # for a server stopping on a signal
-
-
-def base_env() -> dict[str, str]:
-    """The run's whole environment: nothing of the host's is inherited."""
-    return {"PYTHONUNBUFFERED": "1", "HOME": "/tmp", "HF_HUB_OFFLINE": "1",
-            "TORCHINDUCTOR_CACHE_DIR": "/cache/inductor", "TRITON_CACHE_DIR": "/cache/triton"}
 
 
 def check_description(description: str) -> str:
@@ -79,11 +68,11 @@ class Pending:
 class Experiments:
     """Runs experiments of a lab on a sandbox backend, one slot lease per run."""
 
-    def __init__(self, lab: Lab, backend: Any, pool: Any, image: str) -> None:
+    def __init__(self, lab: Lab, backend: Backend, pool: SlotPool, image: str) -> None:
         self.lab = lab
         self.backend = backend
         self.pool = pool
-        self.image = image
+        self.phases = Phases(lab, backend, image)
         self.background: dict[str, asyncio.Task[ExperimentResult]] = {}
         self.pending: dict[str, Pending] = {}
         self.unsettled = 0  # runs begun and not yet recorded (the agent's lock still held)
@@ -156,7 +145,7 @@ class Experiments:
             pending.lock.close()
             self.unsettled -= 1
 
-    async def _record_or_fail(self, pending: Pending, outcome: RunOutcome) -> ExperimentResult:
+    async def _record_or_fail(self, pending: Pending, outcome: Attempt) -> ExperimentResult:
         try:
             return await self._record(pending, outcome)
         except Exception as e:
@@ -204,48 +193,14 @@ class Experiments:
             await report(time.monotonic() - pending.started, pending.status_line)
             await asyncio.sleep(interval)
 
-    def _prepare_run_dir(self, pending: Pending) -> tuple[Path, Path, Path]:
-        run_dir = self.lab.run_dir(pending.record.run_id)
-        out = run_dir / "out"
-        out.mkdir(parents=True, exist_ok=True)  # the sandbox hands it to the container's user
-        (run_dir / "train.py").write_text(pending.snapshot, encoding="utf-8")
-        shutil.copyfile(self.lab.program_toml, run_dir / "program.toml")
-        return run_dir, out, run_dir / "log.txt"
-
-    def _data_inputs(self, run_dir: Path) -> tuple[list[Mount], list[Path]]:
-        """/data as the run sees it — the data folder's files but the validation split (and no
-        sub-folders: raw downloads hold validation text too) — and the stdin that carries that split
-        to the harness, which reads it before train.py starts."""
-        data = self.lab.data_dir.resolve()
-        mounts = [Mount(source=f, target=f"/data/{f.name}") for f in sorted(data.iterdir())
-                  if f.is_file() and f.name not in VAL_FILES]
-        val = [data / name for name in VAL_FILES]
-        header = run_dir / "val-stream.json"
-        header.write_text(json.dumps({f.name: f.stat().st_size for f in val}) + "\n")
-        return mounts, [header, *val]
-
-    def _spec(self, pending: Pending, gpu: str | None) -> RunSpec:
-        run_dir, out, log_path = self._prepare_run_dir(pending)
-        program = self.lab.program()
-        env = base_env()
-        data_mounts, stdin = self._data_inputs(run_dir)
-        return RunSpec(
-            run_id=self.lab.sandbox_id(pending.record.run_id), image=self.image, command=list(COMMAND),
-            mounts=[Mount(source=run_dir / "train.py", target="/work/train.py"),
-                    Mount(source=run_dir / "program.toml", target="/work/program.toml"),
-                    *data_mounts,
-                    Mount(source=self.lab.cache_dir(pending.record.agent), target="/cache", read_only=False)],
-            stdin=stdin, env=env, output_dir=out, log_path=log_path, gpu=gpu,
-            deadline_s=program.budget_s + program.grace_s + self.lab.config.startup_allowance_s,
-            labels={"autoresearch.agent": pending.record.agent, "autoresearch.lab": str(self.lab.root),
-                    "autoresearch.run-id": pending.record.run_id},
-        )
-
-    async def _run_in_sandbox(self, pending: Pending) -> RunOutcome:
+    async def _run_in_sandbox(self, pending: Pending) -> Attempt:
         run_id = pending.record.run_id
 
         def on_position(ahead: int) -> None:
             pending.status_line = f"queued: waiting for a run slot, {ahead} run(s) ahead"
+
+        def on_status(line: str) -> None:
+            pending.status_line = line
 
         def on_progress(p: dict[str, Any]) -> None:
             pending.status_line = "running: " + progress_line(p)
@@ -254,50 +209,48 @@ class Experiments:
             gpu = getattr(lease, "gpu", None)
             self.lab.ledger.mark_running(run_id, gpu)
             pending.status_line = "running: starting the sandbox"
-            spec = self._spec(pending, gpu)
-            logger.info("run_started", run_id=run_id, gpu=gpu, deadline_s=spec.deadline_s)
-            return await self.backend.run(spec, on_progress)
+            return await self.phases.run(run_id, pending.record.agent, pending.snapshot, gpu, on_status, on_progress)
 
     # -- decide, commit, record ----------------------------------------------------------------
 
-    async def _record(self, pending: Pending, outcome: RunOutcome) -> ExperimentResult:
+    async def _record(self, pending: Pending, attempt: Attempt) -> ExperimentResult:
         rec = pending.record
-        result = outcome.result or {}
-        status, reason = outcome.status, result.get("reason") or (outcome.detail or None)
-        val = result.get("val_bpb")
-        if status == "ok" and not (isinstance(val, (int, float)) and math.isfinite(val)):
-            status, reason = "crash", f"the run exited cleanly but result.json has no finite val_bpb ({val!r})"
-        val = float(val) if status == "ok" else None
-        best = self.lab.ledger.best(rec.agent)
-        delta = val - best.val_bpb if val is not None and best is not None and best.val_bpb is not None else None
-        keep = val is not None and (best is None or delta is not None and delta < 0)
-        decision = ("keep" if keep else "discard") if status == "ok" else status if status in ("crash", "timeout", "oom") else None
+        status, val = attempt.status, attempt.val_bpb if attempt.status == "ok" else None
+        reason = attempt.reason
+        if status == "ok" and val is None:
+            status, reason = "crash", "the run ended ok but without a val_bpb"
+        delta, keep = self.lab.ledger.judge(rec.agent, val)
+        decision = ("keep" if keep else "discard") if status == "ok" else status if status in COMMITTED else None
         commit = None
         if decision is not None:
             trailers = {"Run-Id": rec.run_id, "Val-BPB": f"{val:.6f}" if val is not None else "none", "Status": decision}
+            if status == "ok" and not attempt.verified:
+                trailers["Verified"] = "no (scored in train.py's process)"
             commit = await self.lab.git(self.lab.history.commit_attempt, rec.agent, rec.run_id, pending.snapshot,
                                         rec.description, trailers, keep)
-        fields = dict(
-            decision=decision, val_bpb=val, delta=delta, kept=keep, commit=commit,
-            detail=reason, **measured_fields(result),
-        )
-        fields["total_seconds"] = fields["total_seconds"] or round(outcome.wall_s, 3)
+        fields = dict(decision=decision, val_bpb=val, delta=delta, kept=keep, commit=commit, detail=reason,
+                      verified=attempt.verified if val is not None else None, startup_seconds=attempt.startup_s,
+                      train_phase_seconds=attempt.train_phase_s, score_phase_seconds=attempt.score_phase_s,
+                      **measured_fields(attempt.train))
+        fields["total_seconds"] = fields["total_seconds"] or attempt.train_phase_s
         if not self.lab.ledger.finish(rec.run_id, status, **fields):
             logger.warning("run_already_final", run_id=rec.run_id)
         if commit is not None:
             write_results_row(self.lab.results_path(rec.agent), commit, val, fields["peak_memory_mb"], decision,
-                              rec.description)
+                              rec.description, verified=attempt.verified)
         logger.info("run_recorded", run_id=rec.run_id, status=status, val_bpb=val, kept=keep, commit=commit)
-        return to_result(self.lab.ledger.get(rec.run_id), self._tail(rec.run_id, result, outcome, status))
+        return to_result(self.lab.ledger.get(rec.run_id), self._tail(rec.run_id, attempt, status))
 
-    def _tail(self, run_id: str, result: dict[str, Any], outcome: RunOutcome, status: str) -> str | None:
-        if status in ("ok",):
+    def _tail(self, run_id: str, attempt: Attempt, status: str) -> str | None:
+        """The end of the log of the phase that decided the run, and the train phase's traceback."""
+        if status == "ok":
             return None
-        path = self.lab.run_dir(run_id) / "log.txt"
-        text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else outcome.log_tail
+        scored = attempt.score_phase_s is not None
+        path = self.lab.run_dir(run_id) / ("score-log.txt" if scored else "log.txt")
+        text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else attempt.log_tail
         tail = "\n".join(text.splitlines()[-self.lab.config.log_tail_lines:])
-        tb = result.get("traceback_tail")
-        if isinstance(tb, str) and tb.strip() and tb.strip() not in tail:
+        tb = None if scored or attempt.train is None else attempt.train.traceback_tail
+        if tb and tb.strip() and tb.strip() not in tail:
             tail = f"{tail}\n--- traceback ---\n{tb}"
         return tail
 
@@ -306,21 +259,15 @@ def to_result(rec: RunRecord, log_tail: str | None = None) -> ExperimentResult:
     return ExperimentResult(
         run_id=rec.run_id, status=rec.status, description=rec.description, val_bpb=rec.val_bpb, delta=rec.delta,
         kept=rec.kept, decision=rec.decision, commit=rec.commit, training_seconds=rec.training_seconds,
-        total_seconds=rec.total_seconds, peak_memory_mb=rec.peak_memory_mb, num_steps=rec.num_steps, epochs=rec.epochs,
+        total_seconds=rec.total_seconds, verified=rec.verified, score_seconds=rec.score_phase_seconds,
+        peak_memory_mb=rec.peak_memory_mb, num_steps=rec.num_steps, epochs=rec.epochs,
         reason=rec.detail if rec.status != "ok" else None, log_tail=log_tail,
     )
 
 
-def measured_fields(result: dict) -> dict:
-    """The ledger's measurement columns from a run's result.json; a missing or malformed figure is None."""
-    return dict(training_seconds=_num(result.get("training_seconds")), total_seconds=_num(result.get("total_seconds")),
-                peak_memory_mb=_num(result.get("peak_memory_mb")), num_steps=_int(result.get("num_steps")),
-                epochs=_num(result.get("epochs")))
-
-
-def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
-
-
-def _int(v: Any) -> int | None:
-    return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
+def measured_fields(train: TrainResult | None) -> dict:
+    """The ledger's measurement columns from the train phase's result (None: all unknown)."""
+    if train is None:
+        return dict(training_seconds=None, total_seconds=None, peak_memory_mb=None, num_steps=None, epochs=None)
+    return dict(training_seconds=train.training_seconds, total_seconds=train.total_seconds,
+                peak_memory_mb=train.peak_memory_mb, num_steps=train.num_steps, epochs=train.epochs)

@@ -261,7 +261,7 @@ class Lab:
             base = self.ledger.baseline(rec.agent)
             gain = base.val_bpb - rec.val_bpb if base is not None and base.val_bpb is not None else None
             return BestEntry(agent=rec.agent, run_id=rec.run_id, val_bpb=rec.val_bpb, commit=rec.commit,
-                             description=rec.description, improvement_over_baseline=gain)
+                             description=rec.description, improvement_over_baseline=gain, verified=rec.verified)
 
         base = self.ledger.baseline(agent)
         return BestResults(agent_best=entry(self.ledger.best(agent)), lab_best=entry(self.ledger.best()),
@@ -278,8 +278,11 @@ class Lab:
         if not 1 <= lines <= 2000:
             raise InvalidArgumentError(f"lines must be between 1 and 2000, not {lines}")
         rec = self.own_run(agent, run_id)
-        path = self.run_dir(run_id) / "log.txt"
-        all_lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []
+        all_lines = []
+        for name, banner in (("log.txt", None), ("score-log.txt", "--- score phase (trusted scorer) ---")):
+            path = self.run_dir(run_id) / name
+            if path.exists():
+                all_lines += ([banner] if banner else []) + path.read_text(encoding="utf-8", errors="replace").splitlines()
         return LogText(run_id=run_id, status=rec.status, text="\n".join(all_lines[-lines:]),
                        truncated=len(all_lines) > lines)
 
@@ -291,18 +294,21 @@ class Lab:
         runs = [r for r in self.ledger.runs(agent=agent, status=status) if r.kept or not kept_only]
         return RunList(total=len(runs), runs=[
             RunSummary(run_id=r.run_id, agent=r.agent, status=r.status, decision=r.decision, val_bpb=r.val_bpb,
-                       delta=r.delta, kept=r.kept, commit=r.commit, description=r.description)
+                       verified=r.verified, delta=r.delta, kept=r.kept, commit=r.commit, description=r.description)
             for r in runs[:limit]])
 
 
 def write_results_row(path: Path, commit: str, val_bpb: float | None, memory_mb: float | None, status: str,
-                      description: str) -> None:
-    """Append one row to an agent's results.tsv in the seed's format (crashes as 0.000000 / 0.0)."""
+                      description: str, verified: bool = True) -> None:
+    """Append one row to an agent's results.tsv in the seed's format (crashes as 0.000000 / 0.0); a score
+    from train.py's own process is marked in the description."""
     if not path.exists():
         path.write_text("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n")
     bpb = f"{val_bpb:.6f}" if val_bpb is not None else "0.000000"
     mem = f"{memory_mb / 1024:.1f}" if memory_mb is not None else "0.0"
     desc = " ".join(description.split())
+    if val_bpb is not None and not verified:
+        desc = f"[unverified: in-process score] {desc}"
     with path.open("a") as f:
         f.write(f"{commit[:7]}\t{bpb}\t{mem}\t{status}\t{desc}\n")
 

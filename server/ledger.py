@@ -48,9 +48,12 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE INDEX IF NOT EXISTS runs_agent ON runs (agent, seq);
 """
 
+# columns added after the first labs were made (NULL in older rows), added on open
+ADDED_COLUMNS = {"epochs": "REAL", "verified": "INTEGER", "startup_seconds": "REAL", "train_phase_seconds": "REAL",
+                 "score_phase_seconds": "REAL"}
 FINISH_FIELDS = frozenset(
     {"decision", "val_bpb", "delta", "kept", "commit", "training_seconds", "total_seconds",
-     "peak_memory_mb", "num_steps", "epochs", "detail"}
+     "peak_memory_mb", "num_steps", "detail", *ADDED_COLUMNS}
 )
 
 
@@ -83,19 +86,20 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
-        self._add_epochs_column()
+        self._add_columns()
         self.owner_pid = os.getpid()
         self.owner_start = process_start_time(self.owner_pid) or "?"
 
-    def _add_epochs_column(self) -> None:
-        """The epochs column (issue 5, after the first labs were made), NULL in the older rows."""
-        if "epochs" in {row["name"] for row in self._db.execute("PRAGMA table_info(runs)")}:
-            return
-        try:
-            self._db.execute("ALTER TABLE runs ADD COLUMN epochs REAL")
-        except sqlite3.OperationalError as e:  # another server of this lab added it first
-            if "duplicate column" not in str(e):
-                raise
+    def _add_columns(self) -> None:
+        have = {row["name"] for row in self._db.execute("PRAGMA table_info(runs)")}
+        for name, kind in ADDED_COLUMNS.items():
+            if name in have:
+                continue
+            try:
+                self._db.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
+            except sqlite3.OperationalError as e:  # another server of this lab added it first
+                if "duplicate column" not in str(e):
+                    raise
 
     def close(self) -> None:
         with self._lock:
@@ -146,7 +150,8 @@ class Ledger:
     def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[RunRecord]:
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
-        return [RunRecord(**{**dict(r), "kept": bool(r["kept"])}) for r in rows]
+        return [RunRecord(**{**dict(r), "kept": bool(r["kept"]),
+                             "verified": None if r["verified"] is None else bool(r["verified"])}) for r in rows]
 
     def get(self, run_id: str) -> RunRecord:
         rows = self._rows("SELECT * FROM runs WHERE run_id = ?", (run_id,))
@@ -178,14 +183,25 @@ class Ledger:
         return self._rows(f"SELECT * FROM runs WHERE status IN ({marks}) ORDER BY created_at", LIVE_STATUSES)
 
     def best(self, agent: str | None = None) -> RunRecord | None:
-        """The kept run with the lowest val_bpb, of one agent or of the whole lab."""
+        """The kept run with the lowest val_bpb, of one agent or of the whole lab; a sealed (verified)
+        result always ranks above an unverified one, whatever their scores."""
         sql = "SELECT * FROM runs WHERE kept = 1 AND val_bpb IS NOT NULL"
         args: tuple[Any, ...] = ()
         if agent is not None:
             sql += " AND agent = ?"
             args = (agent,)
-        rows = self._rows(sql + " ORDER BY val_bpb ASC, created_at ASC LIMIT 1", args)
+        rows = self._rows(sql + " ORDER BY COALESCE(verified, 1) DESC, val_bpb ASC, created_at ASC LIMIT 1", args)
         return rows[0] if rows else None
+
+    def judge(self, agent: str, val_bpb: float | None) -> tuple[float | None, bool]:
+        """(delta against the agent's best, keep?): the one keep rule. The first scored run is kept."""
+        if val_bpb is None:
+            return None, False
+        best = self.best(agent)
+        if best is None or best.val_bpb is None:
+            return None, True
+        delta = val_bpb - best.val_bpb
+        return delta, delta < 0
 
     def baseline(self, agent: str) -> RunRecord | None:
         """The agent's first kept run: its baseline."""

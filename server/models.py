@@ -17,12 +17,18 @@ from sandbox.gpus import PoolConfig
 AGENT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 """Agent names become git branch names and file names: keep them boring."""
 
-RUN_STATUSES = ("ok", "crash", "timeout", "oom", "cancelled", "infra-error", "interrupted")
-"""Final statuses: the sandbox's six plus `interrupted` (the server died during the run)."""
+RunStatus = Literal["queued", "running", "ok", "crash", "timeout", "oom", "invalid", "unscorable", "cancelled",
+                    "infra-error", "interrupted"]
+"""ok, crash, timeout, oom: as the seed; invalid: refused by the scorer (not causal, a forbidden op or
+file in the export) or for training outside the clock; unscorable: the model could not be exported
+or uses an op the scorer does not know; cancelled; infra-error: the sandbox failed; interrupted:
+the run's supervisor died."""
 LIVE_STATUSES = ("queued", "running")
-RunStatus = Literal["queued", "running", "ok", "crash", "timeout", "oom", "cancelled", "infra-error", "interrupted"]
-Decision = Literal["keep", "discard", "crash", "timeout", "oom"]
+RUN_STATUSES = tuple(s for s in RunStatus.__args__ if s not in LIVE_STATUSES)  # type: ignore[attr-defined]
+Decision = Literal["keep", "discard", "crash", "timeout", "oom", "invalid", "unscorable"]
 """What was done with the commit; the seed's results.tsv `status` column."""
+COMMITTED = frozenset(Decision.__args__) - {"keep", "discard"}  # type: ignore[attr-defined]
+"""Statuses other than ok whose train.py is committed to an attempt ref (the agent's code did it)."""
 
 
 class LabConfig(BaseModel):
@@ -41,8 +47,15 @@ class LabConfig(BaseModel):
     """The host-wide run slots (one per GPU, or CPU slots): every server on the host must share its
     state_dir so that leases stay exclusive."""
     startup_allowance_s: float = 180.0
-    """Seconds on top of the program's budget_s for start-up, compile and evaluation; the sum is the
-    hard deadline the host enforces."""
+    """Seconds on top of the program's budget_s and grace_s for start-up, compile and export; the sum
+    is the train phase's hard deadline, which the host enforces."""
+    score_allowance_s: float = 600.0
+    """The score phase's hard deadline (load, causality check, evaluation)."""
+    max_hidden_training_frac: float = 0.1
+    """A run whose train phase starts its clock later, or ends later after its budget, than this
+    agent's recent runs by more than this fraction of the budget is refused as invalid."""
+    min_time_slack_s: float = 5.0
+    """...but never by less than this many seconds (container start-up jitters)."""
     max_patch_bytes: int = 100_000
     """Largest diff apply_patch accepts."""
     max_train_bytes: int = 400_000
@@ -81,6 +94,12 @@ class RunRecord(BaseModel):
     detail: str | None = None
     owner_pid: int
     owner_start: str
+    verified: bool | None = None
+    """True: scored sealed; False: scored in train.py's process (in-process programs); None: not scored."""
+    startup_seconds: float | None = None
+    """Host-measured: the train container's start to the harness's clock line."""
+    train_phase_seconds: float | None = None
+    score_phase_seconds: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,19 +138,24 @@ class ExperimentResult(BaseModel):
 
     run_id: str
     status: RunStatus = Field(
-        description="ok | crash | timeout | oom | cancelled | infra-error | interrupted (| queued | running "
-        "from get_experiment while in flight)."
+        description="ok | crash | timeout | oom | invalid | unscorable | cancelled | infra-error | interrupted "
+        "(| queued | running from get_experiment while in flight). invalid: refused (not causal, training "
+        "outside the clock, a forbidden op); unscorable: the submitted model could not be exported or scored."
     )
     description: str
     val_bpb: float | None = Field(description="Validation bits per byte (lower is better); null unless ok.")
+    verified: bool | None = Field(default=None, description="True: scored sealed, by trusted code on the exported "
+                                  "model; false: scored in train.py's own process (unverified).")
     delta: float | None = Field(
         description="val_bpb minus the agent's best before this run (negative = better); null for the baseline."
     )
     kept: bool = Field(description="True when the change was committed to the agent's branch as its new best.")
-    decision: Decision | None = Field(description="keep | discard | crash | timeout | oom; null when not committed.")
+    decision: Decision | None = Field(description="keep | discard | crash | timeout | oom | invalid | unscorable; "
+                                      "null when not committed.")
     commit: str | None = Field(description="Commit of this attempt (on the branch if kept, else on an attempt ref).")
     training_seconds: float | None = None
     total_seconds: float | None = None
+    score_seconds: float | None = Field(default=None, description="Wall time of the score phase (load, check, eval).")
     peak_memory_mb: float | None = None
     num_steps: int | None = None
     epochs: float | None = Field(
@@ -162,6 +186,7 @@ class BestEntry(BaseModel):
     agent: str
     run_id: str
     val_bpb: float = Field(description="Validation bits per byte, lower is better.")
+    verified: bool | None = Field(default=None, description="False: scored in train.py's process (unverified).")
     commit: str
     description: str
     improvement_over_baseline: float | None = Field(
@@ -185,6 +210,7 @@ class RunSummary(BaseModel):
     status: RunStatus
     decision: Decision | None
     val_bpb: float | None
+    verified: bool | None = None
     delta: float | None
     kept: bool
     commit: str | None

@@ -136,15 +136,15 @@ async def _prepare_in_sandbox(lab: Lab, extra: list[str]) -> int:
         mounts=[Mount(source=lab.program_toml, target="/work/program.toml")],
         env={"PYTHONUNBUFFERED": "1", "HOME": "/tmp"}, output_dir=lab.data_dir.resolve(),
         log_path=logs / "log.txt", deadline_s=PREPARE_DEADLINE_S, limits=Limits(memory_gb=16.0),
+        # only the climbmix download may reach the network: same hardening, bridge network (trusted code)
+        network="bridge" if _needs_network(lab, extra) else "none",
     )
     backend = make_backend(lab.config.backend)
     backend.check()
-    # Only the climbmix download may reach the network: same hardening, bridge network (trusted code).
-    run = backend.run_with_network if _needs_network(lab, extra) else backend.run
     bar = _Lines("prepare (sandbox)")
     follow = asyncio.create_task(_follow_log(spec.log_path, bar))
     try:
-        outcome = await run(spec)
+        outcome = await backend.run(spec)
     finally:
         follow.cancel()
         bar.close()

@@ -5,7 +5,10 @@ start-up recovery of runs a dead server left behind.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+
+from sandbox.base import Backend
+from sandbox.gpus import SlotPool
+from trainer.contract import ContractError, parse_train_result
 
 from server import log
 from server.experiment import measured_fields
@@ -16,7 +19,7 @@ from server.models import RunRecord
 logger = log.get("runtime")
 
 
-def make_runtime(lab: Lab) -> tuple[Any, Any]:
+def make_runtime(lab: Lab) -> tuple[Backend, SlotPool]:
     """The sandbox backend and the host-wide slot pool for this lab's config."""
     from sandbox import gpus  # noqa: PLC0415
     from sandbox.config import make_backend  # noqa: PLC0415
@@ -32,7 +35,7 @@ def image_of(lab: Lab) -> str:
     return getattr(lab.config.backend, "image", "none")
 
 
-async def recover(lab: Lab, backend: Any) -> list[str]:
+async def recover(lab: Lab, backend: Backend) -> list[str]:
     """Reap orphaned containers, then mark live rows of dead servers `interrupted`; returns their ids.
 
     A row stays untouched while the server that wrote it runs (another agent's process); a row whose
@@ -40,8 +43,8 @@ async def recover(lab: Lab, backend: Any) -> list[str]:
     """
     reaped = await asyncio.to_thread(backend.reap)
     for item in reaped:
-        logger.info("container_reaped", run_id=getattr(item, "run_id", item), reason=getattr(item, "reason", None))
-    reaped_ids = {getattr(item, "run_id", None) for item in reaped}  # sandbox ids: see Lab.sandbox_id
+        logger.info("container_reaped", run_id=item.run_id, reason=item.reason)
+    reaped_ids = {item.run_id.removesuffix("-score") for item in reaped}  # sandbox ids: see Lab.sandbox_id
     interrupted = []
     for rec in lab.ledger.live():
         if owner_alive(rec.owner_pid, rec.owner_start):
@@ -61,7 +64,7 @@ def _finish_from_commit(lab: Lab, rec: RunRecord) -> bool:
     the decision. Finish the row from them and the run's result.json, complete a discard's reset,
     and write the results row, so git, ledger and results.tsv agree. False if nothing was committed.
     """
-    from sandbox.runio import read_result  # noqa: PLC0415
+    from sandbox.runio import read_output  # noqa: PLC0415
 
     sha = lab.history.committed_attempt(rec.agent, rec.run_id)
     if sha is None:
@@ -72,14 +75,18 @@ def _finish_from_commit(lab: Lab, rec: RunRecord) -> bool:
     keep = decision == "keep"
     if not keep:
         lab.history.drop_attempt(rec.agent, sha)
-    result = read_result(lab.run_dir(rec.run_id) / "out")[0] or {}
-    best = lab.ledger.best(rec.agent)
-    delta = val - best.val_bpb if val is not None and best is not None and best.val_bpb is not None else None
-    fields = measured_fields(result)
+    try:
+        train = parse_train_result(read_output(lab.run_dir(rec.run_id) / "out", "result.json")[0])
+    except ContractError:
+        train = None
+    delta, _ = lab.ledger.judge(rec.agent, val)  # the commit already says whether it was kept
+    fields = measured_fields(train)
     status = "ok" if decision in ("keep", "discard") else decision
+    verified = None if val is None else "Verified" not in trailers
     if lab.ledger.finish(rec.run_id, status, decision=decision, val_bpb=val, delta=delta, kept=keep, commit=sha,
-                         detail="recorded at restart: the server stopped after committing this run", **fields):
+                         verified=verified, detail="recorded at restart: the server stopped after committing this run",
+                         **fields):
         write_results_row(lab.results_path(rec.agent), sha, val, fields["peak_memory_mb"], decision,
-                          rec.description)
+                          rec.description, verified=verified is not False)
         logger.warning("run_recovered_from_commit", run_id=rec.run_id, decision=decision, commit=sha)
     return True

@@ -1,7 +1,8 @@
 """The trusted trainer: data preparation, packed loader, BPB evaluation and the run harness.
 
-train.py uses only the names below (see trainer/api.py). They load lazily, so importing
-`trainer.config` on the host pulls in neither torch nor numpy.
+train.py uses only the names below (see trainer/api.py) and trainer.ops (the trusted kernels its
+model may call). They load lazily, so importing `trainer.config` on the host pulls in neither torch
+nor numpy.
 """
 
 _API = ("program", "train_loader", "step", "progress", "submit")
@@ -14,4 +15,8 @@ def __getattr__(name: str):
         from trainer import api
 
         return getattr(api, name)
+    if name == "ops":
+        import importlib
+
+        return importlib.import_module("trainer.ops")
     raise AttributeError(f"module 'trainer' has no attribute {name!r}")

@@ -4,10 +4,10 @@
     loader = trainer.train_loader(B, T)     # (x, y) int64 (B, T) on cfg.device, train split only
     while trainer.step(loss):               # after each optimizer step; False once budget is spent
         lr = schedule(trainer.progress())   # fraction of the budget used, 0..1
-    trainer.submit(model)                   # the trained model; the harness evaluates it
+    trainer.submit(model)                   # the trained model; exported, then scored elsewhere
 
-The harness (trainer.run) owns the clock and the metric; train.py gets no path to validation
-data and never computes val_bpb.
+The harness (trainer.run) owns the clock and exports the submitted model; a separate trusted
+process (trainer.score) computes val_bpb. train.py gets no path to validation data.
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ class Run:
     def start_clock(self) -> None:
         self.clock_start = time.monotonic()
         self.tokens_at_clock_start = self.tokens
+        # the host timestamps this line as it arrives and bounds the run's time from it (issue 18)
+        self.log.emit("clock", budget_s=self.program.budget_s)
 
 
 _RUN: Run | None = None
@@ -104,6 +106,11 @@ def begin(program: ProgramConfig, data_dir: Path, log: ProgressLog) -> Run:
     """Harness only: make the run that train.py's calls act on."""
     global _RUN
     _RUN = Run(program=program, data_dir=data_dir, log=log)
+    return _RUN
+
+
+def current() -> Run | None:
+    """Harness only: the run in progress, if any."""
     return _RUN
 
 
@@ -239,9 +246,10 @@ def progress() -> float:
 
 
 def submit(model, attention: list[tuple[int, int]] | None = None) -> None:
-    """Hand the trained model to the harness, which evaluates it after train.py returns.
+    """Hand the trained model to the harness, which exports it after train.py returns.
 
-    model(x) with x int64 (B, T) must return logits (B, T, vocab_size). attention, optional,
+    model(x) with x int64 (B, T) must return logits (B, T, vocab_size), and be exportable with
+    torch.export (tensor ops and trainer.ops; no branches on tensor values). attention, optional,
     lists (heads x head_dim, window) per attention layer, for the MFU estimate only.
     """
     run = _run()

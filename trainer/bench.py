@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.config import load_program
+from trainer.contract import parse_score_output
 from trainer.loader import BatchStream, TrainLoader
 from trainer.shards import META_FILE, open_split
 
@@ -124,9 +125,20 @@ def harness_run(program: Path, train: Path, data: Path, out: Path, cache: Path) 
                         str(train), "--data", str(data), "--out", str(out)],
                        env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
     result = json.loads((out / "result.json").read_text())
+    result["train_wall_seconds"] = round(time.monotonic() - t0, 2)
+    if result["status"] == "ok":  # the score phase, as the host runs it: a second process, trusted code
+        t1 = time.monotonic()
+        scored = subprocess.run([sys.executable, "-m", "trainer.score", "--program", str(program), "--artifact",
+                                 str(out / "model"), "--data", str(data)], env=env, capture_output=True, text=True)
+        with open(out.with_suffix(".log"), "a") as log:
+            log.write(scored.stdout + scored.stderr)
+        score = parse_score_output(scored.stdout)
+        result.update(status=score.status, reason=score.reason, val_bpb=score.val_bpb, unigram_bpb=score.unigram_bpb,
+                      eval_seconds=score.eval_seconds, eval_parts_seconds=score.eval_parts_seconds,
+                      load_seconds=score.load_seconds, score_wall_seconds=round(time.monotonic() - t1, 2))
     result["wall_seconds"] = round(time.monotonic() - t0, 2)
     # Everything that is not charged training: process start, imports, compile, the untimed
-    # warm-up steps, evaluation and exit (issue 5's "non-training overhead").
+    # warm-up steps, export, the score process and exit (issue 5's "non-training overhead").
     result["overhead_seconds"] = round(result["wall_seconds"] - result["training_seconds"], 2)
     return result
 
@@ -138,7 +150,12 @@ ROWS = [  # (label, how to read it from the cold and warm results)
                                                        for k in ("p10", "p50", "p90"))),
     ("MFU %, warm", lambda c, w: _f(w.get("mfu_percent"), 1, ".1f")),
     ("startup s cold / warm", lambda c, w: f"{c['startup_seconds']:.1f} / {w['startup_seconds']:.1f}"),
-    ("eval s cold / warm", lambda c, w: f"{c['eval_seconds']:.1f} / {w['eval_seconds']:.1f}"),
+    ("export s cold / warm", lambda c, w: f"{_f(c.get('export_seconds'), 1, '.1f')} / "
+                                          f"{_f(w.get('export_seconds'), 1, '.1f')}"),
+    ("score process s cold / warm", lambda c, w: f"{_f(c.get('score_wall_seconds'), 1, '.1f')} / "
+                                                 f"{_f(w.get('score_wall_seconds'), 1, '.1f')}"),
+    ("  of it load / eval, warm", lambda c, w: f"{_f(w.get('load_seconds'), 1, '.1f')} / "
+                                               f"{_f(w.get('eval_seconds'), 1, '.1f')}"),
     ("overhead s cold / warm", lambda c, w: f"{c['overhead_seconds']:.1f} / {w['overhead_seconds']:.1f}"),
     ("peak memory MB", lambda c, w: f"{w['peak_memory_mb']:,.0f}"),
     ("steps, warm", lambda c, w: str(w["num_steps"])),
@@ -152,6 +169,7 @@ def ratios(base: dict, other: dict) -> list[str]:
     for key, label in (("tokens_per_s", "tokens/s"), ("mfu_percent", "MFU"),
                        ("overhead_seconds", "overhead"), ("eval_seconds", "eval")):
         a, b = base.get(key), other.get(key)
+        a, b = (a if isinstance(a, (int, float)) else None), (b if isinstance(b, (int, float)) else None)
         out.append(f"{label} x{b / a:.3f}" if a and b is not None else f"{label} -")
     return out
 
@@ -259,7 +277,7 @@ def bench_edits(args: argparse.Namespace) -> None:
     for r in runs:
         parts = r.get("eval_parts_seconds") or {}
         cells = (r["status"], f"{r['overhead_seconds']:.1f}", f"{r['startup_seconds']:.1f}",
-                 f"{r['eval_seconds']:.1f}", _f(parts.get("causality"), 1, ".1f"),
+                 _f(r.get('eval_seconds'), 1, '.1f'), _f(parts.get("causality"), 1, ".1f"),
                  _f(r.get("tokens_per_s"), 1e-6, ".3f"))
         print(f"{r['run']:{width}}" + "".join(f"{c:>14}" for c in cells))
     print("(eval graph s: the causality check, which compiles the model's eval graph; "

@@ -111,6 +111,9 @@ class ProgramConfig(_Frozen):
     """Precision the harness evaluates under (on CUDA); the seed evaluates in bf16 autocast."""
     check_causality: bool = True
     """Refuse a model whose logits depend on later tokens (trainer.evaluate.check_causality)."""
+    scoring: Literal["sealed", "in-process"] = "sealed"
+    """sealed: the exported model is scored in a separate trusted process; in-process: scored inside
+    train.py's process, so its runs are marked unverified and never the lab's best over a sealed one."""
     seed: int = 42
     cpu_threads: int | None = Field(None, ge=1)
     """torch threads on CPU programs (None: torch's default)."""

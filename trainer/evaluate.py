@@ -1,6 +1,7 @@
 """Validation bits per byte: the one metric every run is judged by.
 
-The harness calls this on the model train.py submitted; train.py never sees validation data.
+The scorer (trainer.score) calls this on the model train.py exported; train.py never sees validation
+data.
 Evaluation rows are packed from the validation split exactly like training rows, with a fixed
 seed, at the program's fixed sequence length and token count, so every run scores the same
 targets.
@@ -27,6 +28,10 @@ EVAL_SEED = 20260311  # fixed for all programs and runs: the same rows every tim
 
 class EvaluationError(TrainerError, ValueError):
     """The submitted model cannot be evaluated (wrong output shape or dtype)."""
+
+
+class NotCausalError(EvaluationError):
+    """The model's logits at a position depend on later tokens: it would score far too well."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +87,8 @@ def check_causality(model, row: torch.Tensor, vocab_size: int, autocast_dtype: t
     Every row of one evaluation batch is cut at a random position and its tokens after the cut
     replaced by other tokens (another row's, shifted); the logits up to the cut must not move. A
     model that peeks ahead (an attention mask lost in an edit, a shifted input) would score far too
-    well; this catches it before it is scored. It runs in train.py's process, so it stops mistakes, not determined cheats.
+    well; this catches it before it is scored. Sealed, it runs in the scorer on the exported graph, out
+    of reach of train.py's code.
     """
     x = row[:, :-1]
     B, T = x.shape
@@ -109,7 +115,7 @@ def check_causality(model, row: torch.Tensor, vocab_size: int, autocast_dtype: t
             continue
         t = int(excess.nan_to_num(float("inf")).argmax())
         worst = float((ai[t] - bi[t]).abs().max())
-        raise EvaluationError(
+        raise NotCausalError(
             f"the model is not causal: its logits at position {t} of a row moved by {worst:.3g} when "
             f"only tokens after position {int(cuts[i])} changed; a language model may look only at "
             f"earlier tokens (check the attention mask and that inputs are not shifted)")

@@ -1,14 +1,14 @@
-"""The run harness, the container's entrypoint: run train.py under the program, then score it.
+"""The run harness, the train phase's entrypoint: run train.py under the program, export its model.
 
 Usage:
     python -m trainer.run --program /work/program.toml --train /work/train.py --data /data --out /out
 
-Writes /out/result.json and /out/progress.jsonl, prints a summary block, exits 0 when the
-status is ok and 1 on a crash. val_bpb is computed here, from the submitted model, never by
-train.py. In the sandbox the validation split is not in /data: it arrives on stdin (--val-stdin)
-and is read before train.py starts. Not protected: train.py runs in this process (runpy), so
-determined code could still reach the harness's memory; scoring an exported model in a separate
-process that alone sees validation data would close that.
+Writes /out/result.json (trainer.contract.TrainResult), /out/progress.jsonl and, at
+trainer.submit, the exported model (/out/model/, trainer.artifact), prints a summary block, exits
+0 when the status is ok and 1 otherwise. train.py runs in this process (runpy), so nothing here is
+trusted by the host but as a record of training: val_bpb comes from the score phase
+(trainer.score), in a process that alone sees validation data. A program with
+scoring = "in-process" is scored here instead (--val-stdin), and its runs are marked unverified.
 """
 
 from __future__ import annotations
@@ -27,24 +27,20 @@ from pathlib import Path
 
 from trainer import api
 from trainer.config import ProgramConfig, ProgramConfigError, load_program
+from trainer.contract import RESULT_FILE, TrainResult
 
 TRACEBACK_CHARS = 4000
 
 
+MODEL_DIR = "model"  # under --out: the exported model the score phase loads
+
+
 class Crash(Exception):
-    """Internal: ends the run with status crash."""
+    """Internal: ends the run with status crash (or `status`)."""
 
-    def __init__(self, reason: str, tb: str | None = None):
+    def __init__(self, reason: str, tb: str | None = None, status: str = "crash"):
         super().__init__(reason)
-        self.reason, self.tb = reason, tb
-
-
-def empty_result() -> dict:
-    return {"status": "crash", "reason": None, "val_bpb": None, "unigram_bpb": None,
-            "training_seconds": 0.0, "total_seconds": 0.0, "startup_seconds": 0.0,
-            "eval_seconds": 0.0, "eval_parts_seconds": None, "peak_memory_mb": 0.0, "mfu_percent": None,
-            "total_tokens": 0, "epochs": None, "num_steps": 0, "num_params": 0, "tokens_per_s": None,
-            "step_seconds": None, "traceback_tail": None}
+        self.reason, self.tb, self.status = reason, tb, status
 
 
 def tail(exc: BaseException) -> str:
@@ -77,7 +73,7 @@ def run_train(path: Path) -> None:
         if e.code not in (None, 0):
             raise Crash(f"train.py exited with status {e.code}") from e
     except BaseException as e:  # noqa: BLE001 — every failure of train.py is a crash result
-        reason = (api._RUN and api._RUN.crash_reason) or f"{type(e).__name__}: {e}"
+        reason = (api.current() and api.current().crash_reason) or f"{type(e).__name__}: {e}"
         raise Crash(reason.splitlines()[0] if reason else type(e).__name__, tail(e)) from e
     finally:
         sys.argv = argv
@@ -91,9 +87,8 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (RSS)
 
 
-def score(run: api.Run, device, result: dict, val=None) -> None:
-    """Evaluate the submitted model and fill timing, throughput and MFU fields."""
-    from trainer.evaluate import evaluate_program
+def measure(run: api.Run, device, result: dict) -> None:
+    """Fill the training figures: time, steps, tokens, throughput, MFU."""
     from trainer.flops import count_params, flops_per_token, mfu_percent, peak_flops
 
     program = run.program
@@ -121,6 +116,39 @@ def score(run: api.Run, device, result: dict, val=None) -> None:
         deciles = statistics.quantiles(run.step_seconds, n=10)
         result["step_seconds"] = {"p10": round(deciles[0], 4), "p50": round(deciles[4], 4),
                                   "p90": round(deciles[8], 4)}
+
+
+def autocast_of(program: ProgramConfig, device):
+    import torch
+
+    on = device.type == "cuda" and program.autocast == "bfloat16"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on)
+
+
+def export(run: api.Run, device, out_dir: Path, result: dict) -> None:
+    """Export the submitted model for the score phase; a model that cannot be exported is unscorable."""
+    import torch
+
+    from trainer.artifact import HINT, ExportFailed, export_model
+
+    program = run.program
+    run.log.emit("export")
+    t0 = time.monotonic()
+    example = torch.zeros((program.eval_batch_size, program.seq_len), dtype=torch.long, device=device)
+    try:
+        with autocast_of(program, device):  # traced as the scorer runs it; the graph holds no autocast
+            export_model(run.model, example, out_dir / MODEL_DIR)
+    except ExportFailed as e:
+        raise Crash(f"{e}; {HINT}", tail(e.__cause__ or e), status="unscorable") from e
+    result["export_seconds"] = round(time.monotonic() - t0, 2)
+    print(f"harness: model exported in {result['export_seconds']:.2f} s", flush=True)
+
+
+def score_in_process(run: api.Run, device, result: dict, val) -> None:
+    """scoring = "in-process" only: evaluate here, in train.py's process (the result is unverified)."""
+    from trainer.evaluate import evaluate_program
+
+    program = run.program
     run.log.emit("eval", eval_tokens=program.eval_tokens)
     t0 = time.monotonic()
     try:
@@ -128,7 +156,6 @@ def score(run: api.Run, device, result: dict, val=None) -> None:
     except Exception as e:  # noqa: BLE001 — a model that cannot be scored is the run's crash
         raise Crash(f"evaluation failed: {type(e).__name__}: {e}".splitlines()[0], tail(e)) from e
     result["eval_seconds"] = round(time.monotonic() - t0, 2)
-    # rows, causality (which compiles the model's eval graph), scoring
     result["eval_parts_seconds"] = {k: round(v, 2) for k, v in scores["seconds"].items()}
     print("harness: eval s: " + ", ".join(f"{k} {v:.2f}" for k, v in scores["seconds"].items()), flush=True)
     if not math.isfinite(scores["val_bpb"]):
@@ -150,19 +177,19 @@ def report_epochs(run: api.Run, result: dict) -> None:
 
 
 def summary(result: dict) -> str:
-    """The seed-style block; a grep for '^val_bpb:' finds the score."""
+    """The seed-style block. Sealed, val_bpb is the scorer's: this block shows the training figures."""
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
 
-    lines = [
-        "---",
-        f"status:           {result['status']}",
-        f"val_bpb:          {fmt(result['val_bpb'], '.6f')}",
-        f"unigram_bpb:      {fmt(result['unigram_bpb'], '.6f')}",
+    lines = ["---", f"status:           {result['status']}"]
+    if result.get("val_bpb") is not None:  # in-process scoring only
+        lines += [f"val_bpb:          {fmt(result['val_bpb'], '.6f')}  (in-process: unverified)",
+                  f"unigram_bpb:      {fmt(result['unigram_bpb'], '.6f')}"]
+    lines += [
         f"training_seconds: {result['training_seconds']:.1f}",
         f"total_seconds:    {result['total_seconds']:.1f}",
         f"startup_seconds:  {result['startup_seconds']:.1f}",
-        f"eval_seconds:     {result['eval_seconds']:.1f}",
+        f"export_seconds:   {fmt(result.get('export_seconds'), '.1f')}",
         f"peak_memory_mb:   {result['peak_memory_mb']:.1f}",
         f"mfu_percent:      {fmt(result['mfu_percent'], '.2f')}",
         f"total_tokens_M:   {result['total_tokens'] / 1e6:.1f}",
@@ -176,16 +203,18 @@ def summary(result: dict) -> str:
 
 
 def execute(program_path: Path, train_path: Path, data_dir: Path, out_dir: Path, val_stdin: bool = False) -> dict:
-    """The whole run; returns the result dict (already written to out_dir/result.json).
+    """The whole train phase; returns the result (a TrainResult's fields, also in out_dir/result.json).
 
-    With val_stdin the validation split is read from stdin before train.py starts (see
-    trainer.shards.read_split_stream) instead of from data_dir, where the sandbox leaves it out.
+    Sealed (the default), the model is exported to out_dir/model for the scorer. With val_stdin
+    (scoring = "in-process") the validation split is read from stdin before train.py starts and
+    the model is scored here.
     """
     t0 = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
     log = api.ProgressLog(out_dir / "progress.jsonl")
     log.emit("startup", train=str(train_path))
-    result, device = empty_result(), None
+    result: dict = {"status": "crash"}
+    device = None
     try:
         try:
             program = load_program(program_path)
@@ -195,6 +224,10 @@ def execute(program_path: Path, train_path: Path, data_dir: Path, out_dir: Path,
             raise Crash(f"{train_path}: train.py not found")
         if not (data_dir / "meta.json").is_file():
             raise Crash(f"{data_dir} holds no prepared data (no meta.json): run trainer.prepare first")
+        in_process = program.scoring == "in-process"
+        if val_stdin != in_process:
+            raise Crash(f"the program's scoring is {program.scoring!r} but the harness was started "
+                        f"{'with' if val_stdin else 'without'} --val-stdin: the host and the program disagree")
         val = None
         if val_stdin:
             from trainer.shards import read_split_stream
@@ -205,6 +238,7 @@ def execute(program_path: Path, train_path: Path, data_dir: Path, out_dir: Path,
                 raise Crash(f"the validation split on stdin is unreadable: {e}") from e
             sys.stdin.close()
         device = setup_torch(program, t0)
+        result["gpu_uuid"] = gpu_uuid(device)
         run = api.begin(program, data_dir, log)
         run.started = t0
         run_train(train_path)
@@ -216,22 +250,37 @@ def execute(program_path: Path, train_path: Path, data_dir: Path, out_dir: Path,
             api.check_free_steps(run)
         if run.crash_reason:  # a check failed (maybe train.py caught our exception and carried on)
             raise Crash(run.crash_reason)
-        score(run, device, result, val)
+        measure(run, device, result)
+        if in_process:
+            score_in_process(run, device, result, val)
+        else:
+            export(run, device, out_dir, result)
         result.update(status="ok")
     except Crash as e:
-        result.update(status="crash", reason=e.reason, traceback_tail=e.tb, val_bpb=None)
+        result.update(status=e.status, reason=e.reason, traceback_tail=e.tb, val_bpb=None)
     finally:
-        run = api._RUN
-        if run is not None and result["num_steps"] == 0:
+        run = api.current()
+        if run is not None and not result.get("num_steps"):
             result.update(num_steps=run.steps, total_tokens=run.tokens)
         api.end()
     if device is not None:
         result["peak_memory_mb"] = round(peak_memory_mb(device), 1)
     result["total_seconds"] = round(time.monotonic() - t0, 2)
-    (out_dir / "result.json").write_text(json.dumps(result, indent=2))
-    log.emit("done", status=result["status"], val_bpb=result["val_bpb"], reason=result["reason"])
+    result = TrainResult.model_validate(result).model_dump()
+    (out_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
+    log.emit("done", status=result["status"], reason=result["reason"])
     log.close()
     return result
+
+
+def gpu_uuid(device) -> str | None:
+    """The UUID of the GPU this run sees (nvidia-smi's GPU-... form), for the host to check its lease."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+    return None if uuid is None else f"GPU-{uuid}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", required=True, type=Path, help="the prepared data folder")
     ap.add_argument("--out", required=True, type=Path, help="folder for result.json, progress.jsonl")
     ap.add_argument("--val-stdin", action="store_true",
-                    help="read the validation split from stdin (the sandbox keeps it out of --data)")
+                    help="scoring = \"in-process\" only: read the validation split from stdin and score here")
     args = ap.parse_args(argv)
     result = execute(args.program, args.train, args.data, args.out, args.val_stdin)
     if result["traceback_tail"]:

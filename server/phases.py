@@ -1,0 +1,226 @@
+"""The two containers of one experiment, on the run's one slot lease: train, then score (issue 18).
+
+The train phase runs the agent's train.py and exports its model; nothing in it holds validation
+tokens. The score phase runs trusted code only, on a host-made copy of that export, with the
+validation split on its stdin, and answers on its stdout. The val_bpb of a sealed run comes only
+from that answer. The host also times the train phase from outside (the container's start, the
+harness's clock line as it arrives, the container's exit): training hidden outside the clock can
+gain at most a tenth of the budget before the run is refused as `invalid`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+from sandbox.base import Backend
+from sandbox.models import Mount, RunOutcome, RunSpec
+from sandbox.runio import copy_output, read_output, read_tail_bytes
+from trainer import contract
+from trainer.contract import ContractError, ScoreResult, TrainResult
+
+from server import log
+from server.lab import Lab
+
+logger = log.get("phases")
+
+MODEL_DIR = "model"  # trainer.run writes the export under /out/model
+MAX_ARTIFACT_BYTES = 16e9
+SCORE_TAIL_BYTES = 256 * 1024  # the answer is the scorer's last line; the log is ours (trusted code)
+
+
+class Attempt(BaseModel):
+    """What one experiment came to, before the keep/discard decision."""
+
+    model_config = ConfigDict(frozen=True)
+
+    status: str
+    """ok, crash, timeout, oom, invalid, unscorable or infra-error."""
+    reason: str | None = None
+    val_bpb: float | None = None
+    verified: bool = True
+    """False when scored in train.py's own process (scoring = "in-process")."""
+    train: TrainResult | None = None
+    score: ScoreResult | None = None
+    startup_s: float | None = None
+    """Host-measured: the train container's start to the harness's clock line."""
+    train_phase_s: float | None = None
+    """Host-measured wall time of the train container."""
+    score_phase_s: float | None = None
+    log_tail: str = ""
+
+
+@dataclass(frozen=True)
+class TimeReference:
+    """How long this agent's recent ok runs took to start their clock, and past their budget to exit."""
+
+    startup_s: float
+    tail_s: float
+    runs: int
+
+
+def time_reference(lab: Lab, agent: str, budget_s: float, recent: int = 5) -> TimeReference | None:
+    """The agent's recent ok runs (else the lab's), medians; None for a lab without any."""
+    for who in (agent, None):
+        rows = [r for r in lab.ledger.runs(agent=who, status="ok", limit=4 * recent)
+                if r.startup_seconds is not None and r.train_phase_seconds is not None][:recent]
+        if rows:
+            return TimeReference(statistics.median(r.startup_seconds for r in rows),
+                                 statistics.median(r.train_phase_seconds - r.startup_seconds - budget_s for r in rows),
+                                 len(rows))
+    return None
+
+
+class Phases:
+    """Builds and runs the two phases of a lab's experiments on a backend."""
+
+    def __init__(self, lab: Lab, backend: Backend, image: str) -> None:
+        self.lab, self.backend, self.image = lab, backend, image
+
+    # -- layout --------------------------------------------------------------------------------
+
+    def _data(self, run_dir: Path) -> tuple[list[Mount], list[Path]]:
+        """/data without the validation split (and no sub-folders: raw downloads hold validation text
+        too), and the stdin stream that carries that split (a JSON header of sizes, then the files)."""
+        data = self.lab.data_dir.resolve()
+        mounts = [Mount(source=f, target=f"{contract.DATA}/{f.name}") for f in sorted(data.iterdir())
+                  if f.is_file() and f.name not in contract.VAL_FILES]
+        val = [data / name for name in contract.VAL_FILES]
+        header = run_dir / "val-stream.json"
+        header.write_text(json.dumps({f.name: f.stat().st_size for f in val}) + "\n")
+        return mounts, [header, *val]
+
+    def _labels(self, run_id: str, agent: str, phase: str) -> dict[str, str]:
+        return {"autoresearch.agent": agent, "autoresearch.lab": str(self.lab.root),
+                "autoresearch.run-id": run_id, "autoresearch.phase": phase}
+
+    def train_spec(self, run_id: str, agent: str, snapshot: str, gpu: str | None) -> RunSpec:
+        run_dir = self.lab.run_dir(run_id)
+        out = run_dir / "out"
+        out.mkdir(parents=True, exist_ok=True)
+        (run_dir / "train.py").write_text(snapshot, encoding="utf-8")
+        shutil.copyfile(self.lab.program_toml, run_dir / "program.toml")
+        program = self.lab.program()
+        data_mounts, val_stream = self._data(run_dir)
+        in_process = program.scoring == "in-process"
+        return RunSpec(
+            run_id=self.lab.sandbox_id(run_id), image=self.image,
+            command=list(contract.IN_PROCESS_ARGV if in_process else contract.TRAIN_ARGV),
+            mounts=[Mount(source=run_dir / "train.py", target=contract.TRAIN_PY),
+                    Mount(source=run_dir / "program.toml", target=contract.PROGRAM_TOML), *data_mounts,
+                    Mount(source=self.lab.cache_dir(agent), target=contract.CACHE, read_only=False)],
+            stdin=val_stream if in_process else [], env=contract.base_env(), output_dir=out,
+            log_path=run_dir / "log.txt", gpu=gpu,
+            deadline_s=program.budget_s + program.grace_s + self.lab.config.startup_allowance_s,
+            labels=self._labels(run_id, agent, "train"))
+
+    def score_spec(self, run_id: str, agent: str, gpu: str | None) -> RunSpec:
+        run_dir = self.lab.run_dir(run_id)
+        data_mounts, val_stream = self._data(run_dir)
+        env = {k: v for k, v in contract.base_env().items() if not v.startswith(contract.CACHE)}
+        return RunSpec(
+            run_id=self.lab.sandbox_id(run_id) + "-score", image=self.image, command=list(contract.SCORE_ARGV),
+            mounts=[Mount(source=run_dir / "program.toml", target=contract.PROGRAM_TOML),
+                    Mount(source=run_dir / "artifact", target=contract.ARTIFACT), *data_mounts],
+            stdin=val_stream, env=env, output_dir=run_dir / "score-out", log_path=run_dir / "score-log.txt",
+            gpu=gpu, deadline_s=self.lab.config.score_allowance_s, labels=self._labels(run_id, agent, "score"))
+
+    # -- the experiment ------------------------------------------------------------------------
+
+    async def run(self, run_id: str, agent: str, snapshot: str, gpu: str | None,
+                  on_status: Callable[[str], None], on_progress: Callable[[dict[str, Any]], None]) -> Attempt:
+        program = self.lab.program()
+        reference = time_reference(self.lab, agent, program.budget_s)
+        clock: list[float] = []
+
+        def progress(p: dict[str, Any]) -> None:
+            if p.get("phase") == "clock" and not clock:
+                clock.append(time.monotonic())
+            on_progress(p)
+
+        spec = self.train_spec(run_id, agent, snapshot, gpu)
+        logger.info("train_phase_started", run_id=run_id, gpu=gpu, deadline_s=spec.deadline_s)
+        t0 = time.monotonic()
+        outcome = await self.backend.run(spec, progress)
+        timing = dict(train_phase_s=round(time.monotonic() - t0, 3),
+                      startup_s=round(clock[0] - t0, 3) if clock else None)
+        train, attempt = self._train_attempt(spec, outcome, timing)
+        if attempt is not None:
+            return attempt
+        assert train is not None
+        refused = self._time_check(program.budget_s, timing, reference)
+        if refused:
+            return Attempt(status="invalid", reason=refused, train=train, log_tail=outcome.log_tail, **timing)
+        if program.scoring == "in-process":
+            return Attempt(status="ok", val_bpb=train.val_bpb, verified=False, train=train,
+                           log_tail=outcome.log_tail, **timing)
+        why = copy_output(spec.output_dir / MODEL_DIR, self.lab.run_dir(run_id) / "artifact",
+                          contract.ARTIFACT_FILES, int(MAX_ARTIFACT_BYTES))
+        if why:
+            return Attempt(status="unscorable", reason=f"the train phase's export is unusable: {why}", train=train,
+                           log_tail=outcome.log_tail, **timing)
+        on_status("scoring: the exported model, in a separate container")
+        score_spec = self.score_spec(run_id, agent, gpu)
+        t1 = time.monotonic()
+        scored = await self.backend.run(score_spec)
+        timing["score_phase_s"] = round(time.monotonic() - t1, 3)
+        return self._score_attempt(score_spec, scored, train, timing)
+
+    def _train_attempt(self, spec: RunSpec, outcome: RunOutcome, timing: dict) -> tuple[TrainResult | None,
+                                                                                         Attempt | None]:
+        """The train phase's result, or the Attempt it already ends in."""
+        raw, why = read_output(spec.output_dir, contract.RESULT_FILE)
+        try:
+            train = contract.parse_train_result(raw, why)
+        except ContractError as e:
+            train, bad = None, str(e)
+        else:
+            bad = None
+        tail = outcome.log_tail
+        if outcome.status in ("timeout", "oom", "infra-error", "cancelled"):
+            return train, Attempt(status=outcome.status, reason=outcome.detail, train=train, log_tail=tail, **timing)
+        if train is None:
+            return None, Attempt(status="crash", reason=f"{outcome.detail}; {bad}", log_tail=tail, **timing)
+        if outcome.status == "ok" and train.status == "ok":
+            return train, None
+        status = train.status if train.status != "ok" else "crash"
+        reason = train.reason or outcome.detail
+        return train, Attempt(status=status, reason=reason, train=train, log_tail=tail, **timing)
+
+    def _time_check(self, budget_s: float, timing: dict, ref: TimeReference | None) -> str | None:
+        """Why the run is refused for time spent outside its clock, or None."""
+        if timing["startup_s"] is None:
+            return "the train phase never reported its clock start (the harness's 'clock' progress line)"
+        config = self.lab.config
+        startup, tail = timing["startup_s"], timing["train_phase_s"] - timing["startup_s"] - budget_s
+        ref_startup, ref_tail = (ref.startup_s, ref.tail_s) if ref else (config.startup_allowance_s, budget_s)
+        gain = max(0.0, startup - ref_startup) + max(0.0, tail - ref_tail)
+        allowed = max(config.max_hidden_training_frac * budget_s, config.min_time_slack_s)
+        if gain <= allowed:
+            return None
+        usual = f"{ref.runs} recent run(s) took {ref_startup:.1f} s and {ref_tail:.1f} s" if ref else "first run"
+        return (f"the train phase took {startup:.1f} s to start its clock and ended {tail:.1f} s past its "
+                f"{budget_s:g}-s budget ({usual}): up to {gain:.1f} s of training outside the clock, more than "
+                f"the {allowed:.1f} s allowed. Do no training before the first trainer.step() or after the last; "
+                f"if this change truly starts slower (a bigger compile), make that cost smaller")
+
+    def _score_attempt(self, spec: RunSpec, outcome: RunOutcome, train: TrainResult, timing: dict) -> Attempt:
+        text = read_tail_bytes(spec.log_path, SCORE_TAIL_BYTES).decode("utf-8", errors="replace")
+        try:
+            score = contract.parse_score_output(text)
+        except ContractError as e:
+            status = outcome.status if outcome.status in ("timeout", "oom", "infra-error", "cancelled") else "crash"
+            reason = f"scoring failed ({outcome.detail}): {e}"
+            if outcome.status == "timeout":
+                reason = f"scoring took longer than {spec.deadline_s:g} s (score_allowance_s): {outcome.detail}"
+            return Attempt(status=status, reason=reason, train=train, log_tail=outcome.log_tail, **timing)
+        log_tail = outcome.log_tail if score.status != "ok" else ""
+        return Attempt(status=score.status, reason=score.reason, val_bpb=score.val_bpb, train=train, score=score,
+                       log_tail=log_tail, **timing)
