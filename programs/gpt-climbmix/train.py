@@ -4,16 +4,15 @@ gpt-climbmix: pretrain a small GPT on ClimbMix web text for a fixed 5-minute bud
 This is the file to edit. It is run by the harness (python -m trainer.run), which owns the
 clock and the metric: call trainer.step(loss) once per optimizer step, stop when it returns
 False, then trainer.submit(model). The harness scores the submitted model on held-out data
-(val_bpb, lower is better). Imports: torch (with the Triton it ships for CUDA) and trainer;
-FA3 or the cuDNN frontend when installed.
+(val_bpb, lower is better), sealed: the submitted model is exported and scored by trusted code, so
+its forward may use torch ops and trainer.ops only. Imports: torch and trainer.
 
-Baseline recipe: GPT with RoPE, QK-norm, weightless RMSNorm, ReLU² MLP (fused kernels on H100), value
+Baseline recipe: GPT with RoPE, QK-norm, weightless RMSNorm, ReLU² MLP (fused on Hopper), value
 embeddings on alternating layers, per-layer residual/x0 scalars, logit soft-cap, sliding-window attention
 "SSSL"; Muon (polar-express orthogonalisation) for matrices, AdamW for the rest; ~524K tokens
 per optimizer step; linear warmdown over the second half of the budget; bf16; torch.compile.
 """
 
-import functools
 import gc
 import time
 
@@ -55,19 +54,12 @@ MODEL_DIM = -(-DEPTH * ASPECT_RATIO // HEAD_DIM) * HEAD_DIM
 N_HEAD = MODEL_DIM // HEAD_DIM
 
 # -----------------------------------------------------------------------------
-# Attention: FlashAttention-3 when installed; else sliding windows on cuDNN's band mask (through
-# the cuDNN frontend, in the GPU image) or FlexAttention, full windows on PyTorch's fused SDPA.
-# Nothing is ever downloaded.
+# Attention and MLP kernels: trainer.ops, the trusted ops (cuDNN's band mask for sliding windows,
+# PyTorch's fused SDPA for full ones, a fused Triton ReLU² MLP on Hopper). The model you submit must
+# be made of torch ops and these, so that the scorer can run it; train with kernels of your own if
+# you like, but submit a forward the scorer knows (program.md).
 
-try:
-    from flash_attn_interface import flash_attn_func  # FA3, Hopper only
-except ImportError:
-    flash_attn_func = None
-try:
-    import cudnn  # the cuDNN frontend's graph API
-except ImportError:
-    cudnn = None
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+ops = trainer.ops
 
 
 def window_sizes(depth, seq_len):
@@ -75,228 +67,6 @@ def window_sizes(depth, seq_len):
     sizes = [short if WINDOW_PATTERN[i % len(WINDOW_PATTERN)] == "S" else full for i in range(depth)]
     sizes[-1] = full
     return sizes
-
-
-def sliding_window_mask(window, seq_len, device):
-    def mask_mod(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
-
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
-
-
-cudnn_graphs = {}  # (backward, shape, window) -> (built graph, its tensors in call order)
-
-
-def cudnn_window_graph(backward, shape, window):
-    """cuDNN attention graph for bf16 (B, T, H, D) tensors (cuDNN sees them as (B, H, T, D) with
-    these strides, so nothing is copied): query i sees keys i - window < j <= i."""
-    key = (backward, shape, window)
-    if key not in cudnn_graphs:
-        B, T, H, D = shape
-        g = cudnn.pygraph(io_data_type=cudnn.data_type.BFLOAT16, intermediate_data_type=cudnn.data_type.FLOAT,
-                          compute_data_type=cudnn.data_type.FLOAT, handle=cudnn_handle())
-        layout = dict(dim=[B, H, T, D], stride=[T * H * D, D, H * D, 1])
-        stats = dict(dim=[B, H, T, 1], stride=[H * T, T, 1, 1])  # log-sum-exp per query, fp32
-        band = dict(attn_scale=D**-0.5, diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT,
-                    diagonal_band_left_bound=window, diagonal_band_right_bound=0)
-        q, k, v = (g.tensor(data_type=cudnn.data_type.BFLOAT16, **layout) for _ in range(3))
-        if backward:
-            o, do = (g.tensor(data_type=cudnn.data_type.BFLOAT16, **layout) for _ in range(2))
-            lse = g.tensor(data_type=cudnn.data_type.FLOAT, **stats)
-            grads = g.sdpa_backward(q=q, k=k, v=v, o=o, dO=do, stats=lse, **band)
-            for t in grads:
-                t.set_output(True).set_dim(layout["dim"]).set_stride(layout["stride"])
-            tensors = (q, k, v, o, lse, do, *grads)
-        else:
-            o, lse = g.sdpa(q=q, k=k, v=v, generate_stats=True, **band)
-            o.set_output(True).set_dim(layout["dim"]).set_stride(layout["stride"])
-            lse.set_output(True).set_data_type(cudnn.data_type.FLOAT)  # laid out as `stats`
-            tensors = (q, k, v, o, lse)
-        g.build([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-        cudnn_graphs[key] = g, tensors
-    return cudnn_graphs[key]
-
-
-@functools.cache
-def cudnn_device_handle(device_index):
-    return cudnn.create_handle()
-
-
-def cudnn_handle():
-    """The cuDNN handle of the current device, on torch's current stream."""
-    handle = cudnn_device_handle(torch.cuda.current_device())
-    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
-    return handle
-
-
-def cudnn_run(backward, window, *tensors):
-    g, graph_tensors = cudnn_window_graph(backward, tuple(tensors[0].shape), window)
-    workspace = torch.empty(g.get_workspace_size(), device=tensors[0].device, dtype=torch.uint8)
-    g.execute(dict(zip(graph_tensors, tensors)), workspace, handle=cudnn_handle())
-
-
-def attention_outputs(q):
-    """Contiguous (output, log-sum-exp) buffers for (B, T, H, D) queries, as cuDNN writes them."""
-    B, T, H, D = q.shape
-    return q.new_empty(B, T, H, D), q.new_empty(B, H, T, 1, dtype=torch.float32)
-
-
-@torch.library.custom_op("gpt::window_attention", mutates_args=())
-def cudnn_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output, log-sum-exp per query); a custom op, so torch.compile calls it as one kernel."""
-    out, lse = attention_outputs(q)
-    cudnn_run(False, window, q.contiguous(), k.contiguous(), v.contiguous(), out, lse)
-    return out, lse
-
-
-cudnn_window_attention.register_fake(lambda q, k, v, window: attention_outputs(q))
-
-
-@torch.library.custom_op("gpt::window_attention_backward", mutates_args=())
-def cudnn_window_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                                    lse: torch.Tensor, grad: torch.Tensor, window: int
-                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv from the forward's inputs and outputs (all contiguous) and the output's gradient."""
-    dq, dk, dv = (x.new_empty(x.shape) for x in (q, k, v))
-    cudnn_run(True, window, q, k, v, out, lse, grad.contiguous(), dq, dk, dv)
-    return dq, dk, dv
-
-
-cudnn_window_attention_backward.register_fake(
-    lambda q, k, v, out, lse, grad, window: tuple(x.new_empty(x.shape) for x in (q, k, v)))
-
-
-def _save_for_backward(ctx, inputs, output):
-    q, k, v, ctx.window = inputs
-    ctx.save_for_backward(q.contiguous(), k.contiguous(), v.contiguous(), *output)
-
-
-def _window_attention_grad(ctx, grad, _grad_lse):
-    return *cudnn_window_attention_backward(*ctx.saved_tensors, grad, ctx.window), None
-
-
-cudnn_window_attention.register_autograd(_window_attention_grad, setup_context=_save_for_backward)
-
-
-def attention(q, k, v, window, block_mask):
-    """q, k, v: (B, T, H, D); causal attention over the last `window` positions."""
-    if flash_attn_func is not None and q.is_cuda:
-        out = flash_attn_func(q, k, v, causal=True, window_size=(window - 1, 0))
-        return out[0] if isinstance(out, tuple) else out
-    if cudnn is not None and q.is_cuda and q.dtype == torch.bfloat16 and window < q.size(1):
-        return cudnn_window_attention(q, k, v, window)[0]
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if not q.is_cuda:  # FlexAttention has no CPU backward: a dense mask is fine for CPU trials
-        T = q.size(2)
-        pos = torch.arange(T, device=q.device)
-        dist = pos[:, None] - pos[None, :]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=(dist >= 0) & (dist < window))
-    elif window >= q.size(2):  # full causal: PyTorch's fused kernels (cuDNN / flash) beat Flex here
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    else:
-        y = flex_attention(q, k, v, block_mask=block_mask)
-    return y.transpose(1, 2)
-
-
-# -----------------------------------------------------------------------------
-# The ReLU² MLP's fused kernels (Triton on Hopper; MLP.forward falls back to plain PyTorch): the
-# square rides in the epilogue of the up projection's matmul, its derivative in the epilogue of the
-# matmul that makes the up projection's gradient, so the 4x-wide hidden activation is neither
-# written nor read an extra time (2.6 % more tokens/s on an H100). Each epilogue first rounds the
-# matmul's sum to bf16, as the plain MLP's cuBLAS output is, so at the baseline's shapes the output
-# and all three gradients are bit-identical to the plain MLP's (unrounded, it was 1.3 % faster still
-# and scored worse in 7 runs of 7: GPU_RUNS.md). To change the activation, edit MLP.forward's plain
-# branch and delete its fused one.
-
-try:
-    import triton
-    import triton.language as tl
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:
-    triton = None
-
-if triton is not None:
-    @triton.jit
-    def _relu2_matmul(a_desc, b_desc, c_desc, y_desc, M, N, K_TILES: tl.constexpr, B_NK: tl.constexpr,
-                      BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        """C = relu(A B)^2, or when BACKWARD, C = (A B) * 2 sqrt(Y) with Y that forward's C (so sqrt(Y)
-        is relu of the pre-activation); A (M, K); B as (N, K) when B_NK, else (K, N); fp32 sums."""
-        pid = tl.program_id(0)
-        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        group = pid // (GROUP_M * num_n)  # tiles in groups of GROUP_M rows keep B's columns in L2
-        first_m = group * GROUP_M
-        group_m = tl.minimum(num_m - first_m, GROUP_M)
-        off_m = (first_m + (pid % (GROUP_M * num_n)) % group_m) * BLOCK_M
-        off_n = ((pid % (GROUP_M * num_n)) // group_m) * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kt in range(K_TILES):
-            a = a_desc.load([off_m, kt * BLOCK_K])
-            b = b_desc.load([off_n, kt * BLOCK_K]).T if B_NK else b_desc.load([kt * BLOCK_K, off_n])
-            acc = tl.dot(a, b, acc)
-        acc = acc.to(tl.bfloat16).to(tl.float32)  # rounded as cuBLAS's bf16 output is, then the pointwise op
-        if BACKWARD:
-            relu = tl.sqrt(y_desc.load([off_m, off_n]).to(tl.float32)).to(tl.bfloat16).to(tl.float32)
-            out = acc * 2.0 * relu
-        else:
-            out = tl.maximum(acc, 0.0)
-            out = out * out
-        c_desc.store([off_m, off_n], out.to(c_desc.dtype))
-
-
-FUSED_MLP = triton is not None and cfg.device == "cuda" and torch.cuda.get_device_capability() >= (9, 0)  # TMA
-# tile shape: the fastest of a sweep on an H100 at the baseline's shapes (GPU_RUNS.md, ninth pass)
-MLP_TILES = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
-
-
-def relu2_matmul(a, b, y=None, b_nk=False):
-    """relu(a @ B)^2, or given y: (a @ B) * 2 sqrt(y); B = b.T when b_nk, else b; bf16, contiguous."""
-    bm, bn, bk = MLP_TILES["BLOCK_M"], MLP_TILES["BLOCK_N"], MLP_TILES["BLOCK_K"]
-    (M, K), N = a.shape, b.shape[0] if b_nk else b.shape[1]
-    c = a.new_empty(M, N)
-    descs = (TensorDescriptor.from_tensor(a, [bm, bk]),
-             TensorDescriptor.from_tensor(b, [bn, bk] if b_nk else [bk, bn]),
-             TensorDescriptor.from_tensor(c, [bm, bn]), TensorDescriptor.from_tensor(c if y is None else y, [bm, bn]))
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)  # edges: TMA reads zeros, drops writes
-    _relu2_matmul[grid](*descs, M, N, K_TILES=triton.cdiv(K, bk), B_NK=b_nk, BACKWARD=y is not None, **MLP_TILES)
-    return c
-
-
-@torch.library.custom_op("gpt::relu2_mlp", mutates_args=())
-def relu2_mlp(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output, hidden): hidden = relu(x w_fc^T)^2, output = hidden w_proj^T; x (M, C), w_fc (4C, C),
-    w_proj (C, 4C), bf16; a custom op, so torch.compile calls it as it is."""
-    hidden = relu2_matmul(x.contiguous(), w_fc.contiguous(), b_nk=True)
-    return hidden @ w_proj.t(), hidden
-
-
-relu2_mlp.register_fake(lambda x, w_fc, w_proj: (x.new_empty(x.size(0), w_proj.size(0)),
-                                                 x.new_empty(x.size(0), w_fc.size(0))))
-
-
-@torch.library.custom_op("gpt::relu2_mlp_backward", mutates_args=())
-def relu2_mlp_backward(grad: torch.Tensor, x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor,
-                       hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dx, dw_fc, dw_proj from the forward's inputs (contiguous), its hidden and the output's gradient."""
-    grad = grad.contiguous()
-    grad_pre = relu2_matmul(grad, w_proj, y=hidden)  # gradient of x w_fc^T, the ReLU² derivative fused in
-    return grad_pre @ w_fc, grad_pre.t() @ x, grad.t() @ hidden
-
-
-relu2_mlp_backward.register_fake(
-    lambda grad, x, w_fc, w_proj, hidden: tuple(t.new_empty(t.shape) for t in (x, w_fc, w_proj)))
-
-
-def _save_mlp_for_backward(ctx, inputs, output):
-    ctx.save_for_backward(*(t.contiguous() for t in inputs), output[1])
-
-
-def _relu2_mlp_grad(ctx, grad, _grad_hidden):
-    return relu2_mlp_backward(grad, *ctx.saved_tensors)
-
-
-relu2_mlp.register_autograd(_relu2_mlp_grad, setup_context=_save_mlp_for_backward)
 
 
 # -----------------------------------------------------------------------------
@@ -329,7 +99,7 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(dim, dim, bias=False)
         self.ve_gate = nn.Linear(VE_GATE_CHANNELS, n_head, bias=False) if has_ve else None
 
-    def forward(self, x, ve, cos, sin, window, block_mask):
+    def forward(self, x, ve, cos, sin, window):
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_head, self.head_dim)
@@ -338,7 +108,7 @@ class Attention(nn.Module):
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
             v = v + gate.unsqueeze(-1).to(v.dtype) * ve.view(B, T, self.n_head, self.head_dim).to(v.dtype)
         q, k = norm(rotate(q, cos, sin)), norm(rotate(k, cos, sin))  # QK-norm
-        y = attention(q.to(v.dtype), k.to(v.dtype), v, window, block_mask)
+        y = ops.window_attention(q.to(v.dtype), k.to(v.dtype), v, window)
         return self.c_proj(y.reshape(B, T, C))
 
 
@@ -349,11 +119,8 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * dim, dim, bias=False)
 
     def forward(self, x):
-        # the same ReLU² in fused kernels (above); to try another activation, delete this branch
-        if FUSED_MLP and x.dtype == torch.bfloat16 and x.size(-1) % 8 == 0 and self.c_fc.out_features % 8 == 0:
-            w_fc, w_proj = self.c_fc.weight.to(x.dtype), self.c_proj.weight.to(x.dtype)
-            return relu2_mlp(x.flatten(0, -2), w_fc, w_proj)[0].view(x.shape)
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        # ReLU², fused on Hopper; to try another activation: self.c_proj(act(self.c_fc(x)))
+        return ops.relu2_mlp(x, self.c_fc.weight, self.c_proj.weight)
 
 
 class Block(nn.Module):
@@ -362,8 +129,8 @@ class Block(nn.Module):
         self.attn = Attention(dim, n_head, has_ve)
         self.mlp = MLP(dim)
 
-    def forward(self, x, ve, cos, sin, window, block_mask):
-        x = x + self.attn(norm(x), ve, cos, sin, window, block_mask)
+    def forward(self, x, ve, cos, sin, window):
+        x = x + self.attn(norm(x), ve, cos, sin, window)
         return x + self.mlp(norm(x))
 
 
@@ -409,7 +176,6 @@ class GPT(nn.Module):
         cos, sin = rotary_tables(seq_len, dim // n_head)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
-        self.block_masks = {}
 
     @torch.no_grad()
     def init_weights(self):
@@ -426,16 +192,6 @@ class GPT(nn.Module):
             if block.attn.ve_gate is not None:
                 nn.init.zeros_(block.attn.ve_gate.weight)  # gate starts at 1
 
-    def build_block_masks(self):
-        """FlexAttention masks, only where FlexAttention runs: CUDA without FA3 or the cuDNN
-        frontend, windows shorter than the context (full windows go to fused SDPA; CPU uses a
-        dense mask)."""
-        device = self.wte.weight.device
-        if device.type != "cuda" or flash_attn_func is not None or cudnn is not None:
-            return
-        self.block_masks = {w: sliding_window_mask(w, self.seq_len, device)
-                            for w in sorted(set(self.windows)) if w < self.seq_len}
-
     def forward(self, idx, targets=None):
         T = idx.size(1)
         cos, sin = self.cos[:, :T], self.sin[:, :T]
@@ -444,7 +200,7 @@ class GPT(nn.Module):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             window = self.windows[i]
-            x = block(x, ve, cos, sin, window, self.block_masks.get(window))
+            x = block(x, ve, cos, sin, window)
         logits = self.lm_head(norm(x))
         if targets is None:
             return SOFTCAP * torch.tanh(logits.float() / SOFTCAP)  # what the harness evaluates
@@ -551,9 +307,6 @@ with device:
 raw_model.init_weights()
 sync()
 t_model = time.perf_counter()
-raw_model.build_block_masks()
-sync()
-t_masks = time.perf_counter()
 adam, muon = build_optimizers(raw_model)
 model = torch.compile(raw_model, dynamic=False) if COMPILE else raw_model
 
@@ -562,13 +315,10 @@ grad_accum = max(TOTAL_BATCH_TOKENS // tokens_per_micro, 1)
 loader = trainer.train_loader(DEVICE_BATCH_SIZE, SEQ_LEN)
 autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 n_params = sum(p.numel() for p in raw_model.parameters())
-attention_kind = "dense mask (CPU)" if device.type != "cuda" else (
-    "FA3" if flash_attn_func else "cuDNN band mask" if cudnn else "FlexAttention")
 print(f"model: {n_params / 1e6:.1f}M parameters, depth {DEPTH}, dim {MODEL_DIM}, heads {N_HEAD}, "
-      f"windows {raw_model.windows}, attention {attention_kind}, MLP {'fused (Triton)' if FUSED_MLP else 'PyTorch'}")
+      f"windows {raw_model.windows}, attention {ops.attention_kind(device)}, MLP {ops.mlp_kind(device)}")
 print(f"batch: {grad_accum} x {DEVICE_BATCH_SIZE} x {SEQ_LEN} = {grad_accum * tokens_per_micro:,} tokens/step")
-print(f"setup s: model {t_model - t_setup:.2f}, block masks {t_masks - t_model:.2f}, "
-      f"optimizers + loader {time.perf_counter() - t_masks:.2f}")
+print(f"setup s: model {t_model - t_setup:.2f}, optimizers + loader {time.perf_counter() - t_model:.2f}")
 
 # -----------------------------------------------------------------------------
 # Training loop: the harness stops us when the budget is spent

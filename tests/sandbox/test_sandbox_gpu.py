@@ -10,6 +10,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from sandbox_testlib import result_of
 
 from sandbox.config import LocalBackendConfig
 from sandbox.gpus import PoolConfig, SlotPool, discover_gpus
@@ -46,10 +47,10 @@ async def test_local_run_sees_only_the_leased_gpu(tmp_path: Path):
                        deadline_s=120, limits=Limits())
         outcome = await backend.run(spec)
     assert outcome.status == "ok", outcome.log_tail
-    assert outcome.result["visible"] == lease.gpu
-    assert outcome.result["count"] == 1
-    assert outcome.result["sum"] == 1024.0 ** 3
-    print(f"GPU run on {lease.slot} ({outcome.result['name']}): wall {outcome.wall_s:.2f} s")
+    assert result_of(outcome)["visible"] == lease.gpu
+    assert result_of(outcome)["count"] == 1
+    assert result_of(outcome)["sum"] == 1024.0 ** 3
+    print(f"GPU run on {lease.slot} ({result_of(outcome)['name']}): wall {outcome.wall_s:.2f} s")
 
 
 async def test_a_second_run_waits_for_the_gpu(tmp_path: Path):

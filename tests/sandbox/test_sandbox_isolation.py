@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sandbox_testlib import result_of
 
 from sandbox.models import Limits, Mount
 
@@ -64,7 +65,7 @@ async def test_no_network_not_even_the_host_loopback(docker_backend, make_spec, 
     port, hits = host_listener
     outcome = await docker_backend.run(make_spec(NET_PROBE, args=[str(port)]))
     assert outcome.status == "ok", outcome.log_tail
-    r = outcome.result
+    r = result_of(outcome)
     for name in ("host_loopback", "public_ip", "docker_gateway", "dns"):
         assert r[name] != "connected", (name, r)
     assert r["interfaces"] == ["lo"]
@@ -75,7 +76,7 @@ async def test_the_probe_itself_can_connect_when_not_isolated(local_backend, mak
     """Control for the test above: the same probe, unisolated, reaches the host listener."""
     port, hits = host_listener
     outcome = await local_backend.run(make_spec(NET_PROBE, args=[str(port)]))
-    assert outcome.result["host_loopback"] == "connected"
+    assert result_of(outcome)["host_loopback"] == "connected"
     assert hits == ["127.0.0.1"]
 
 
@@ -101,7 +102,7 @@ async def test_writes_only_to_out_and_tmp(docker_backend, make_spec, tmp_path):
     """, mounts=[Mount(source=data, target="/data")])
     script_before = spec.mounts[0].source.read_text()
     outcome = await docker_backend.run(spec)
-    r = outcome.result
+    r = result_of(outcome)
     assert r.pop("/out/ok.txt") == "written"
     assert r.pop("/tmp/ok.txt") == "written"
     assert all(v in ("OSError", "PermissionError") for v in r.values()), r  # EROFS / EACCES
@@ -136,7 +137,7 @@ async def test_host_paths_and_environment_are_invisible(docker_backend, make_spe
                   open(f"{out}/result.json", "w"))
     """, args=[str(secret)], env={"VISIBLE": "yes"})
     outcome = await docker_backend.run(spec)
-    r = outcome.result
+    r = result_of(outcome)
     assert r is not None, outcome.log_tail
     assert "AUTORESEARCH_HOST_SECRET" not in r["env"]
     assert not any("leaked-if-you-see-this" in v for v in r["env"].values())
@@ -200,8 +201,8 @@ async def test_fork_bomb_is_stopped_by_the_pids_limit(docker_backend, make_spec)
     stop.set()
     probe.join()
     assert outcome.status == "ok", (outcome.status, outcome.log_tail)
-    assert outcome.result["fork_failures"] > 0  # the limit said no
-    assert outcome.result["forks"] < 64
+    assert result_of(outcome)["fork_failures"] > 0  # the limit said no
+    assert result_of(outcome)["forks"] < 64
     assert outcome.wall_s < 15  # the parent's exit ended the whole container
     assert max(worst) < 1.0, max(worst)
 
@@ -287,7 +288,7 @@ async def test_image_has_the_trainer_and_its_dependencies(docker_backend, make_s
                   open(f"{out}/result.json", "w"))
     """, env={})
     outcome = await docker_backend.run(spec)
-    r = outcome.result
+    r = result_of(outcome)
     assert r is not None, outcome.log_tail
     assert not [m for m, v in r["mods"].items() if v.startswith("ERROR")], r["mods"]
     assert r["mods"]["trainer"].startswith("/opt/autoresearch/trainer/")
@@ -298,10 +299,11 @@ async def test_image_has_the_trainer_and_its_dependencies(docker_backend, make_s
     assert r["pythonpath"] == "/opt/autoresearch"
 
 
-async def test_run_with_network_is_the_one_networked_path(docker_backend, make_spec, host_listener):
+async def test_a_bridge_network_spec_is_the_one_networked_path(docker_backend, make_spec, host_listener):
     """Trusted set-up steps may use the bridge network; the rest of the hardening still holds."""
-    outcome = await docker_backend.run_with_network(make_spec(NET_PROBE, args=["1"]))
-    r = outcome.result
+    spec = make_spec(NET_PROBE, args=["1"]).model_copy(update={"network": "bridge"})
+    outcome = await docker_backend.run(spec)
+    r = result_of(outcome)
     assert outcome.status == "ok"
     assert sorted(r["interfaces"]) == ["eth0", "lo"]
     assert r["docker_gateway"] != "connected"  # nothing listens there on port 1
@@ -322,7 +324,7 @@ async def test_links_and_pipes_in_out_cannot_make_the_host_read_its_own_files(do
     outcome = await asyncio.wait_for(docker_backend.run(spec, on_progress=seen.append), timeout=30)
     assert (spec.output_dir / "progress.jsonl").is_symlink()  # the trap was really set
     assert seen == []
-    assert outcome.result is None
+    assert result_of(outcome) is None
     assert "not a regular file" in outcome.detail
 
 
@@ -342,6 +344,6 @@ async def test_configured_user_without_passwd_entry_can_write_out_and_cache(sand
     backend = DockerBackend(DockerBackendConfig(image=sandbox_image, user="4321:4321"))
     outcome = await backend.run(spec)
     assert outcome.status == "ok", outcome.log_tail
-    assert outcome.result == {"uid": 4321, "user": "sandbox"}
+    assert result_of(outcome) == {"uid": 4321, "user": "sandbox"}
     assert (spec.output_dir / "result.json").stat().st_uid == 4321
     assert (cache / "inductor" / "k.bin").exists()

@@ -1,11 +1,11 @@
-"""The capped log, the progress follower and the result reader, on plain files."""
+"""The capped log, the progress follower and the output readers, on plain files."""
 
 from __future__ import annotations
 
 import json
 import os
 
-from sandbox.runio import CappedLog, ProgressFollower, disk_usage, read_result
+from sandbox.runio import CappedLog, ProgressFollower, copy_output, disk_usage, read_output
 
 
 def test_small_log_is_kept_whole(tmp_path):
@@ -69,16 +69,24 @@ def test_progress_callback_errors_do_not_propagate(tmp_path):
     assert len(calls) == 2
 
 
-def test_read_result_variants(tmp_path):
-    assert read_result(tmp_path) == (None, "no result.json")
-    (tmp_path / "result.json").write_text("[1, 2]")
-    assert read_result(tmp_path)[1] == "result.json is not a JSON object"
-    (tmp_path / "result.json").write_text("{broken")
-    assert read_result(tmp_path)[1].startswith("result.json unreadable")
-    (tmp_path / "result.json").write_text(json.dumps({"status": "ok", "val_bpb": 0.99}))
-    assert read_result(tmp_path) == ({"status": "ok", "val_bpb": 0.99}, "")
+def test_read_output_and_copy_output_refuse_links_and_caps(tmp_path):
+    assert read_output(tmp_path, "result.json") == (None, "no result.json")
+    (tmp_path / "result.json").write_text('{"status": "ok"}')
+    assert read_output(tmp_path, "result.json") == (b'{"status": "ok"}', "")
     (tmp_path / "result.json").write_bytes(b" " * (2 << 20))
-    assert "larger than" in read_result(tmp_path)[1]
+    assert "larger than" in read_output(tmp_path, "result.json")[1]
+    (tmp_path / "secret").write_text("host file")
+    (tmp_path / "link.json").symlink_to(tmp_path / "secret")
+    assert "not a regular file" in read_output(tmp_path, "link.json")[1]
+    src, dest = tmp_path / "model", tmp_path / "copy"
+    src.mkdir()
+    (src / "a").write_bytes(b"x" * 100)
+    (src / "b").symlink_to(tmp_path / "secret")  # the run may plant a link to a host file
+    assert "b is missing or not a regular file" == copy_output(src, dest, ("a", "b"), 1000)
+    (src / "b").unlink()
+    (src / "b").write_bytes(b"y" * 100)
+    assert copy_output(src, dest, ("a", "b"), 1000) == "" and (dest / "b").read_bytes() == b"y" * 100
+    assert "larger than" in copy_output(src, tmp_path / "c2", ("a", "b"), 150)
 
 
 def test_disk_usage_counts_each_inode_once_and_never_follows_links(tmp_path):

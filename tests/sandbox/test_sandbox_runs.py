@@ -9,7 +9,7 @@ import time
 import pytest
 
 from sandbox.models import Limits, Mount
-from sandbox_testlib import pid_alive
+from sandbox_testlib import pid_alive, result_of
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120, func_only=True)]  # a broken deadline fails fast
 
@@ -34,7 +34,7 @@ async def test_normal_run_returns_ok_with_result_log_and_progress(backend, make_
     outcome = await backend.run(spec, on_progress=seen.append)
     assert outcome.status == "ok", outcome
     assert outcome.exit_code == 0
-    assert outcome.result == {"status": "ok", "val_bpb": 1.25}
+    assert result_of(outcome) == {"status": "ok", "val_bpb": 1.25}
     log = spec.log_path.read_text()
     assert "hello from the run" in log and "bye" in log
     assert "bye" in outcome.log_tail
@@ -51,7 +51,7 @@ async def test_crash_reports_exit_code_and_traceback(backend, make_spec):
     outcome = await backend.run(spec)
     assert outcome.status == "crash"
     assert outcome.exit_code == 3
-    assert outcome.result is None
+    assert result_of(outcome) is None
     assert "about to fail" in outcome.log_tail
 
 
@@ -135,7 +135,7 @@ async def test_bad_result_file_is_none_not_an_error(backend, make_spec):
     """)
     outcome = await backend.run(spec)
     assert outcome.status == "ok"
-    assert outcome.result is None
+    assert result_of(outcome) is None
     assert "result.json unreadable" in outcome.detail
 
 
@@ -223,7 +223,7 @@ async def test_stdin_files_are_streamed_in_order_then_closed(backend, make_spec,
     outcome = await backend.run(spec)
     assert outcome.status == "ok", (outcome.detail, outcome.log_tail)
     whole = parts[0].read_bytes() + parts[1].read_bytes()
-    assert outcome.result == {"n": len(whole), "sha": hashlib.sha256(whole).hexdigest()}
+    assert result_of(outcome) == {"n": len(whole), "sha": hashlib.sha256(whole).hexdigest()}
 
 
 async def test_file_mounts_make_their_folder(backend, make_spec, tmp_path):
@@ -240,4 +240,4 @@ async def test_file_mounts_make_their_folder(backend, make_spec, tmp_path):
     """, mounts=[Mount(source=data / n, target=f"/data/{n}") for n in ("meta.json", "train.bin")], args=["/data"])
     outcome = await backend.run(spec)
     assert outcome.status == "ok", (outcome.detail, outcome.log_tail)
-    assert outcome.result == {"names": ["meta.json", "train.bin"], "train": "train.bin"}
+    assert result_of(outcome) == {"names": ["meta.json", "train.bin"], "train": "train.bin"}

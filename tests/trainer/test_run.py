@@ -1,4 +1,5 @@
-"""The harness: the tiny program learns and beats unigram; every way train.py fails is a crash result."""
+"""The harness: the tiny program learns and its export beats unigram; every way train.py fails is a crash
+result; an export that fails is unscorable."""
 
 import json
 import math
@@ -7,7 +8,8 @@ import subprocess
 import pytest
 
 from trainer import run as harness
-from trainer_testlib import PROGRAMS, PYTHON, REPO, RESULT_KEYS, TINY_TOML, derive_program, mini, scaled_climbmix
+from trainer_testlib import (PROGRAMS, PYTHON, REPO, RESULT_KEYS, TINY_TOML, derive_program, mini, scaled_climbmix,
+                             score_export)
 
 def run_in_process(tmp_path, tiny_data, source: str, **overrides):
     program = derive_program(TINY_TOML, tmp_path / "program.toml",
@@ -34,21 +36,24 @@ def test_tiny_program_learns_and_beats_unigram(tmp_path, tiny_data):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads((out / "result.json").read_text())
     assert set(result) >= RESULT_KEYS and result["status"] == "ok" and result["reason"] is None
-    print(f"tiny-stdlib 20 s: val_bpb {result['val_bpb']:.4f}, unigram {result['unigram_bpb']:.4f}, "
-          f"{result['num_steps']} steps")
-    assert result["val_bpb"] < 0.8 * result["unigram_bpb"]  # clearly learned, not just frequencies
+    assert result["val_bpb"] is None and result["export_seconds"] > 0  # sealed: scored elsewhere
+    scores = score_export(out, program, tiny_data)
+    print(f"tiny-stdlib 20 s: val_bpb {scores['val_bpb']:.4f}, unigram {scores['unigram_bpb']:.4f}, "
+          f"{result['num_steps']} steps, export {result['export_seconds']:.1f} s, scorer load "
+          f"{scores['load_seconds']:.1f} s, eval {scores['eval_seconds']:.1f} s")
+    assert scores["status"] == "ok" and scores["val_bpb"] < 0.8 * scores["unigram_bpb"]  # learned, not just frequencies
     assert 19.5 <= result["training_seconds"] <= 30 and result["num_steps"] > 20
     assert result["total_tokens"] > 0 and result["num_params"] > 100_000
     assert result["mfu_percent"] is None  # no known GPU
     block = proc.stdout[proc.stdout.rindex("---"):]
-    assert f"val_bpb:          {result['val_bpb']:.6f}" in block and "unigram_bpb:" in block
+    assert "val_bpb:" not in block and f"export_seconds:   {result['export_seconds']:.1f}" in block
     train_tokens = json.loads((tiny_data / "meta.json").read_text())["splits"]["train"]["tokens"]
     assert result["epochs"] == pytest.approx(result["total_tokens"] / train_tokens, abs=1e-3)
     assert f"epochs:           {result['epochs']:.2f}" in block
     assert ("times; past one epoch val_bpb also measures memorisation" in proc.stdout) == (result["epochs"] > 1)
     lines = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
     train = [line for line in lines if line["phase"] == "train"]
-    assert phases(out)[0] == "startup" and phases(out)[-2:] == ["eval", "done"]
+    assert phases(out)[0] == "startup" and phases(out)[-2:] == ["export", "done"] and "clock" in phases(out)
     assert {"step", "loss", "tokens_per_s", "remaining_s", "t"} <= set(train[-1])
     assert train[-1]["loss"] < train[0]["loss"]
 
@@ -165,8 +170,8 @@ def test_ok_run_in_process_and_exit_codes(tmp_path, tiny_data):
         if not trainer.step(loss):
             break
     """) + "trainer.submit(model)\n"
-    result, _ = run_in_process(tmp_path, tiny_data, source, budget_s=1)
-    assert result["status"] == "ok" and 0 < result["val_bpb"] < 20
+    result, out = run_in_process(tmp_path, tiny_data, source, budget_s=1)
+    assert result["status"] == "ok" and 0 < score_export(out, tmp_path / "program.toml", tiny_data)["val_bpb"] < 20
     crash = tmp_path / "crash.py"
     crash.write_text("import sys\nsys.exit(3)\n")
     proc = subprocess.run([PYTHON, "-m", "trainer.run", "--program", str(TINY_TOML), "--train",
@@ -205,6 +210,7 @@ def test_gpt_climbmix_train_py_trains_scaled_down_on_cpu(tmp_path, tiny_data):
     lines = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
     train_lines = [line for line in lines if line["phase"] == "train"]
     assert len(train_lines) > 5 and train_lines[-1]["loss"] < train_lines[0]["loss"]
-    print(f"gpt-climbmix scaled down, {result['num_steps']} steps: val_bpb {result['val_bpb']:.4f}, "
-          f"unigram {result['unigram_bpb']:.4f}")
-    assert math.isfinite(result["val_bpb"]) and result["val_bpb"] < result["unigram_bpb"]
+    scores = score_export(out, program, tiny_data)  # its trainer.ops attention exported and scored
+    print(f"gpt-climbmix scaled down, {result['num_steps']} steps: val_bpb {scores['val_bpb']:.4f}, "
+          f"unigram {scores['unigram_bpb']:.4f}")
+    assert math.isfinite(scores["val_bpb"]) and scores["val_bpb"] < scores["unigram_bpb"]

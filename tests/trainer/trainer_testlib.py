@@ -66,9 +66,16 @@ def write_corpus(root: Path, docs: list[str]) -> Path:
     return root
 
 
-RESULT_KEYS = {"status", "reason", "val_bpb", "training_seconds", "total_seconds", "startup_seconds",
-               "eval_seconds", "peak_memory_mb", "mfu_percent", "total_tokens", "num_steps",
-               "num_params", "traceback_tail"}
+RESULT_KEYS = {"status", "reason", "training_seconds", "total_seconds", "startup_seconds", "export_seconds",
+               "peak_memory_mb", "mfu_percent", "total_tokens", "num_steps", "num_params", "traceback_tail"}
+
+
+def score_export(out: Path, program: Path, data: Path) -> dict:
+    """The score phase on a train phase's export (trusted code, in this process: our own models only;
+    hostile artifacts are scored in containers, tests/server/test_server_sealed.py)."""
+    from trainer.score import score
+
+    return score(program, out / "model", data, val_stdin=False).model_dump()
 
 MINI = """
 import torch
