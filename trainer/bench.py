@@ -112,6 +112,18 @@ def bench_loader(args: argparse.Namespace) -> None:
         print("\n".join(loader_rates(data, args.batch, args.seq, args.seconds, args.device)))
 
 
+def val_stream(data: Path, out: Path):
+    """The validation split as the host streams it to a run's stdin (a JSON header, then the files)."""
+    from trainer.contract import VAL_FILES
+
+    path = out.with_suffix(".val-stream")
+    with open(path, "wb") as f:
+        f.write((json.dumps({n: (data / n).stat().st_size for n in VAL_FILES}) + "\n").encode())
+        for name in VAL_FILES:
+            f.write((data / name).read_bytes())
+    return open(path, "rb")
+
+
 def harness_run(program: Path, train: Path, data: Path, out: Path, cache: Path) -> dict:
     """One `python -m trainer.run` in a fresh process; the result plus its whole wall clock."""
     # the agent's persistent caches, as the sandbox gives them (bytecode: as the local backend does)
@@ -119,11 +131,13 @@ def harness_run(program: Path, train: Path, data: Path, out: Path, cache: Path) 
            "TRITON_CACHE_DIR": str(cache / "triton"), "PYTHONPYCACHEPREFIX": str(cache / "pycache"),
            "PYTHONUNBUFFERED": "1"}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
+    in_process = load_program(program).scoring == "in-process"
     t0 = time.monotonic()
-    with open(out.with_suffix(".log"), "w") as log:
+    with open(out.with_suffix(".log"), "w") as log, val_stream(data, out) as stdin:
         subprocess.run([sys.executable, "-m", "trainer.run", "--program", str(program), "--train",
-                        str(train), "--data", str(data), "--out", str(out)],
-                       env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+                        str(train), "--data", str(data), "--out", str(out), *(["--val-stdin"] if in_process else [])],
+                       env=env, stdin=stdin if in_process else subprocess.DEVNULL, stdout=log,
+                       stderr=subprocess.STDOUT, check=False)
     result = json.loads((out / "result.json").read_text())
     result["train_wall_seconds"] = round(time.monotonic() - t0, 2)
     if result["status"] == "ok":  # the score phase, as the host runs it: a second process, trusted code

@@ -119,9 +119,9 @@ def check_books_agree(root, agent: str, results: list[dict]) -> None:
             f"{row.commit}:train.py", strip_newline_in_stdout=False)
 
 
-async def test_an_edit_that_breaks_causality_is_a_crash_not_a_record(make_lab, tiny_data, lab_containers):
+async def test_an_edit_that_breaks_causality_is_invalid_not_a_record(make_lab, tiny_data, lab_containers):
     """The classic agent mistake: attention that can see the future. Its loss looks wonderful; the
-    evaluator refuses it before scoring, so it never becomes the best run."""
+    scorer refuses the exported graph before scoring it, so it never becomes the best run."""
     root = make_lab(backend="docker", data_dir=open_dir(tiny_data))
     async with Client(stdio_params(root, "alice"), read_timeout_seconds=600) as client:
         base = await call(client, "run_experiment", {"description": "baseline"})
@@ -130,7 +130,7 @@ async def test_an_edit_that_breaks_causality_is_a_crash_not_a_record(make_lab, t
         line = next(ln for ln in text.splitlines() if "is_causal=True" in ln)
         await patch(client, line, line.replace("is_causal=True", "is_causal=False"))
         leak = await call(client, "run_experiment", {"description": "attention without the causal mask"})
-        assert (leak["status"], leak["decision"], leak["kept"], leak["val_bpb"]) == ("crash", "crash", False, None)
+        assert (leak["status"], leak["decision"], leak["kept"], leak["val_bpb"]) == ("invalid", "invalid", False, None)
         assert "not causal" in leak["reason"], leak["reason"]
         best = await call(client, "get_best")
         assert best["agent_best"]["run_id"] == base["run_id"]
@@ -139,15 +139,15 @@ async def test_an_edit_that_breaks_causality_is_a_crash_not_a_record(make_lab, t
 
 
 async def test_train_py_cannot_find_the_validation_split(make_lab, tiny_data, lab_containers):
-    """/data holds the training split only; the harness gets the validation split on stdin before
-    train.py starts, and still scores the run."""
+    """/data holds the training split only and stdin is empty: the validation split goes to the score
+    phase alone, which still scores the run."""
     root = make_lab(backend="docker", data_dir=open_dir(tiny_data))
     async with Client(stdio_params(root, "alice"), read_timeout_seconds=600) as client:
         await patch(client, "cfg = trainer.program()", "cfg = trainer.program(); import os, sys; "
-                    "seen = sorted(os.listdir('/data')); print('DATA', seen, 'STDIN', sys.stdin.closed); "
+                    "seen = sorted(os.listdir('/data')); print('DATA', seen, 'STDIN', repr(sys.stdin.buffer.read())); "
                     "assert 'train.bin' in seen and not [n for n in seen if n.startswith('val')], seen")
         run = await call(client, "run_experiment", {"description": "looks for validation data"})
         assert run["status"] == "ok" and run["val_bpb"] > 0, run
         log = await call(client, "get_log", {"run_id": run["run_id"], "lines": 400})
-        assert "DATA ['meta.json'" in log["text"] and "STDIN True" in log["text"], log["text"][-2000:]
+        assert "DATA ['meta.json'" in log["text"] and "STDIN b''" in log["text"], log["text"][-2000:]
     assert lab_containers() == []

@@ -1,5 +1,6 @@
 """On the GPU (run on the device machine: pytest -m gpu tests/trainer): pinned transfers, BPB, MFU,
-gpt-climbmix's attention on cuDNN against FlexAttention, its fused MLP against PyTorch's."""
+trainer.ops' attention on cuDNN against FlexAttention, its fused MLP against PyTorch's, and
+gpt-climbmix's model scored sealed (exported, trusted ops) against in-process."""
 
 import importlib.util
 import json
@@ -12,7 +13,8 @@ from trainer.config import load_program
 from trainer.evaluate import evaluate_program
 from trainer.loader import TrainLoader
 from trainer.shards import open_split
-from trainer_testlib import PYTHON, REPO, RESULT_KEYS, TINY_TOML, derive_program, mini, scaled_climbmix
+from trainer_testlib import (PROGRAMS, PYTHON, REPO, RESULT_KEYS, TINY_TOML, derive_program, mini, scaled_climbmix,
+                             score_export)
 
 pytestmark = pytest.mark.gpu
 
@@ -61,7 +63,8 @@ def test_harness_reports_gpu_memory_and_mfu(tmp_path, tiny_data):
     """).replace("opt = torch.optim", "model = model.cuda()\nopt = torch.optim") + "trainer.submit(model)\n")
     result = harness.execute(program, train, tiny_data, tmp_path / "out")
     assert set(result) >= RESULT_KEYS and result["status"] == "ok", result
-    assert result["peak_memory_mb"] > 0 and result["val_bpb"] > 0
+    assert result["peak_memory_mb"] > 0 and score_export(tmp_path / "out", program, tiny_data)["val_bpb"] > 0
+    assert result["gpu_uuid"] == f"GPU-{torch.cuda.get_device_properties(0).uuid}"
     name = torch.cuda.get_device_name()
     if "H100" in name or "H200" in name:
         assert result["mfu_percent"] is not None and 0 < result["mfu_percent"] < 100
@@ -85,7 +88,7 @@ def first_two_losses(program, train, data, out, says: str, hide: str = "") -> li
 
 
 def test_gpt_climbmix_windows_on_cudnn_train_like_flex_attention(tmp_path, tiny_data):
-    """train.py's sliding windows on cuDNN's band mask (the cuDNN frontend, pyproject's gpu extra)
+    """trainer.ops' sliding windows on cuDNN's band mask (the cuDNN frontend, pyproject's gpu extra)
     train the same model as its FlexAttention fallback: the first two losses agree. Scaled down: two
     layers of two heads, a 128-token window in the first (cuDNN or Flex), a full window in the
     second (SDPA)."""
@@ -105,7 +108,7 @@ def test_gpt_climbmix_windows_on_cudnn_train_like_flex_attention(tmp_path, tiny_
 
 
 def test_gpt_climbmix_fused_mlp_trains_like_pytorch(tmp_path, tiny_data):
-    """train.py's ReLU² MLP in Triton kernels (the square and its derivative in matmul epilogues,
+    """trainer.ops' ReLU² MLP in Triton kernels (the square and its derivative in matmul epilogues,
     each after rounding the sum to bf16 as cuBLAS does) trains the same model as the plain PyTorch
     MLP: the first two losses are equal (the rounding makes its output and gradients bit-identical
     at these shapes and the baseline's, checked on an H100). Scaled down to two layers of width 256
@@ -116,11 +119,63 @@ def test_gpt_climbmix_fused_mlp_trains_like_pytorch(tmp_path, tiny_data):
     program = derive_program(TINY_TOML, tmp_path / "program.toml", budget_s=3, untimed_steps=1, seq_len=200,
                              device="cuda", autocast="bfloat16")
     runs = {}
+    train = scaled_climbmix(tmp_path / "train.py", DEPTH=2, ASPECT_RATIO=128, TOTAL_BATCH_TOKENS=4000,
+                            DEVICE_BATCH_SIZE=8)
     for fused in (True, False):
-        train = scaled_climbmix(tmp_path / f"train_{fused}.py", DEPTH=2, ASPECT_RATIO=128, TOTAL_BATCH_TOKENS=4000,
-                                DEVICE_BATCH_SIZE=8, FUSED_MLP=fused)
         runs[fused] = first_two_losses(program, train, tiny_data, tmp_path / f"fused_{fused}",
-                                       f"MLP {'fused (Triton)' if fused else 'PyTorch'}")
+                                       f"MLP {'fused (Triton)' if fused else 'PyTorch'}",
+                                       "" if fused else "import trainer.kernels; trainer.kernels.triton = None; ")
     print(f"losses of steps 1 and 2: fused {runs[True]}, PyTorch {runs[False]}")
     assert None not in runs[True] + runs[False]
     assert runs[True] == runs[False]  # the forward pass, then after one update the backward too
+
+
+def climbmix_model(vocab: int, seq_len: int, **constants) -> torch.nn.Module:
+    """gpt-climbmix's GPT class from its train.py (the sections before the optimizer), on the GPU."""
+    import sys
+    import types
+
+    import trainer
+    from trainer import ops
+
+    source = (PROGRAMS / "gpt-climbmix" / "train.py").read_text().split("# Optimizer:")[0]
+    for name, value in constants.items():
+        source = source.replace(f"\n{name} = ", f"\n{name} = {value}  # ", 1)
+    cfg = types.SimpleNamespace(vocab_size=vocab, seq_len=seq_len, device="cuda")
+    scope: dict = {"__name__": "climbmix"}
+    real, sys.modules["trainer"] = sys.modules["trainer"], types.SimpleNamespace(program=lambda: cfg, ops=ops)
+    try:
+        exec(compile(source, "train.py", "exec"), scope)
+    finally:
+        sys.modules["trainer"] = real
+    assert trainer is real
+    with torch.device("cuda"):
+        model = scope["GPT"](vocab, scope["MODEL_DIM"], scope["DEPTH"], scope["N_HEAD"], seq_len)
+    model.init_weights()
+    with torch.no_grad():  # the init zeroes the output projections: move away from it
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def test_gpt_climbmix_scores_the_same_sealed_and_in_process(tmp_path, tiny_data):
+    """The same weights of gpt-climbmix's model (cuDNN windows and the fused MLP through trainer.ops),
+    scored in-process and exported then rebuilt by the scorer: equal within bf16 rounding."""
+    from trainer import ops
+    from trainer.artifact import export_model, load_model
+    from trainer.run import autocast_of
+
+    program = load_program(derive_program(TINY_TOML, tmp_path / "program.toml", device="cuda", autocast="bfloat16",
+                                          eval_tokens=16 * 32 * 256))
+    device = torch.device("cuda")
+    model = climbmix_model(program.vocab_size, program.seq_len, DEPTH=4).eval()
+    in_process = evaluate_program(model, tiny_data, program, device)["val_bpb"]
+    example = torch.zeros((program.eval_batch_size, program.seq_len), dtype=torch.long, device=device)
+    with autocast_of(program, device):
+        export_model(model, example, tmp_path / "m")
+    graph = (tmp_path / "m" / "model.json").read_text()
+    assert "torch.ops.trainer.window_attention" in graph and "torch.ops.trainer.relu2_mlp" in graph
+    sealed = evaluate_program(load_model(tmp_path / "m", device, ops.trusted_ops()), tiny_data, program, device)
+    print(f"gpt-climbmix weights on {torch.cuda.get_device_name()}: in-process {in_process:.6f}, "
+          f"sealed {sealed['val_bpb']:.6f}")
+    assert sealed["val_bpb"] == pytest.approx(in_process, rel=2e-3)
