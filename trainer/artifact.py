@@ -71,8 +71,11 @@ def export_model(model: torch.nn.Module, example: torch.Tensor, folder: Path) ->
     from torch._export.serde.serialize import serialize
 
     try:
-        graph = serialize(program, serialize_state_dict=False, serialize_constants=False,
-                          serialize_example_inputs=False).exported_program
+        try:  # the graph alone (torch >= 2.13); the weights travel as safetensors below
+            graph = serialize(program, serialize_state_dict=False, serialize_constants=False,
+                              serialize_example_inputs=False).exported_program
+        except TypeError:  # older torch serializes the weights too (pickled): only the graph is kept
+            graph = serialize(program).exported_program
     except Exception as e:  # noqa: BLE001
         raise ExportFailed(f"the exported graph cannot be serialized: {type(e).__name__}: {e}") from e
     tensors = {}

@@ -4,15 +4,13 @@
     y = trainer.ops.relu2_mlp(x, w_fc, w_proj)           # relu(x w_fc^T)^2 w_proj^T
 
 Each picks the fastest implementation it can (cuDNN's band mask, a fused Triton MLP on Hopper,
-else plain PyTorch) and, where that is a kernel of ours, calls it as a registered op
+else plain PyTorch: SDPA with a dense band mask, unfused matmuls) and, where that is a kernel of ours, calls it as a registered op
 (torch.library: `trainer::...`). An exported model then names the op, and the scorer runs this same
 trusted implementation; a model whose forward calls ops of train.py's own is not scorable (issue
 18). Plain-PyTorch paths are ordinary aten ops and export as such.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -28,37 +26,18 @@ def _band_mask(T: int, window: int, device) -> torch.Tensor:
     return (dist >= 0) & (dist < window)
 
 
-@functools.cache
-def _flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)  # uncompiled FlexAttention is a slow reference
-
-
-@functools.cache
-def _flex_mask(window: int, T: int, device: torch.device):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
-
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
-
-
 def _window_reference(q, k, v, window: int) -> torch.Tensor:
-    """The band attention without cuDNN: FlexAttention on CUDA, a dense mask elsewhere."""
+    """The band attention without cuDNN: PyTorch's SDPA with a dense band mask."""
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if q.is_cuda:
-        y = _flex()(qt, kt, vt, block_mask=_flex_mask(window, q.size(1), q.device))
-    else:
-        y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=_band_mask(q.size(1), window, q.device))
+    y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=_band_mask(q.size(1), window, q.device))
     return y.transpose(1, 2).contiguous()
 
 
 @torch.library.custom_op("trainer::window_attention", mutates_args=())
 def _window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output, log-sum-exp per query) of band attention; the lse is cuDNN's (zeros elsewhere)."""
+    """(output, log-sum-exp per query) of band attention on cuDNN; a scorer without the cuDNN frontend
+    computes the same band with a dense mask (the lse, only the backward's, is then zeros)."""
     out, lse = kernels.attention_outputs(q)
     if kernels.cudnn_usable(q):
         kernels.cudnn_run(False, window, q.contiguous(), k.contiguous(), v.contiguous(), out, lse)
@@ -106,17 +85,18 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     if window >= T:  # full causal: PyTorch's fused kernels (cuDNN / flash) beat a band here
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True).transpose(1, 2)
-    if not q.is_cuda:  # FlexAttention has no CPU backward: a dense mask is fine for CPU trials
-        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        mask = _band_mask(T, window, q.device)
-        return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).transpose(1, 2)
-    return _window_attention(q, k, v, window)[0]
+    if kernels.cudnn_usable(q):
+        return _window_attention(q, k, v, window)[0]
+    # no cuDNN frontend (or the CPU): a dense band mask, computing the whole square (slower)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    mask = _band_mask(T, window, q.device)
+    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).transpose(1, 2)
 
 
 def attention_kind(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "dense mask (CPU)"
-    return "cuDNN band mask" if kernels.cudnn is not None else "FlexAttention"
+    if device.type == "cuda" and kernels.cudnn is not None:
+        return "cuDNN band mask"
+    return "dense band mask (SDPA)"
 
 
 # -- the ReLU² MLP -------------------------------------------------------------------------------

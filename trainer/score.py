@@ -55,6 +55,8 @@ def score(program_path: Path, artifact: Path, data_dir: Path, val_stdin: bool) -
             return ScoreResult(status="invalid", reason=str(e), total_seconds=round(time.monotonic() - t0, 2))
         except ArtifactUnscorable as e:
             return ScoreResult(status="unscorable", reason=str(e), total_seconds=round(time.monotonic() - t0, 2))
+        # eager: compiling the loaded graph (with a warm cache of the scorer's own) measured slower on an
+        # H200 at gpt-climbmix's size, 9.3 s against 7.7 s for the whole score process (GPU_RUNS.md)
         fields["load_seconds"] = round(time.monotonic() - t1, 2)
         print(f"scorer: artifact loaded in {fields['load_seconds']:.2f} s", flush=True)
         t2 = time.monotonic()

@@ -1,5 +1,5 @@
 """On the GPU (run on the device machine: pytest -m gpu tests/trainer): pinned transfers, BPB, MFU,
-trainer.ops' attention on cuDNN against FlexAttention, its fused MLP against PyTorch's, and
+trainer.ops' attention on cuDNN against a dense band mask, its fused MLP against PyTorch's, and
 gpt-climbmix's model scored sealed (exported, trusted ops) against in-process."""
 
 import importlib.util
@@ -87,10 +87,10 @@ def first_two_losses(program, train, data, out, says: str, hide: str = "") -> li
     return [by_step.get(step) for step in (2, 3)]
 
 
-def test_gpt_climbmix_windows_on_cudnn_train_like_flex_attention(tmp_path, tiny_data):
+def test_gpt_climbmix_windows_on_cudnn_train_like_the_dense_mask(tmp_path, tiny_data):
     """trainer.ops' sliding windows on cuDNN's band mask (the cuDNN frontend, pyproject's gpu extra)
-    train the same model as its FlexAttention fallback: the first two losses agree. Scaled down: two
-    layers of two heads, a 128-token window in the first (cuDNN or Flex), a full window in the
+    train the same model as its fallback, SDPA with a dense band mask: the first two losses agree. Scaled down: two
+    layers of two heads, a 128-token window in the first (cuDNN or the dense mask), a full window in the
     second (SDPA)."""
     assert importlib.util.find_spec("cudnn"), "needs nvidia-cudnn-frontend (pyproject's gpu extra)"
     train = scaled_climbmix(tmp_path / "train.py", DEPTH=2, ASPECT_RATIO=128, TOTAL_BATCH_TOKENS=4096,
@@ -99,9 +99,9 @@ def test_gpt_climbmix_windows_on_cudnn_train_like_flex_attention(tmp_path, tiny_
                              device="cuda", autocast="bfloat16")
     runs = {attention: first_two_losses(program, train, tiny_data, tmp_path / attention.split()[0],
                                         f"attention {attention}", hide)
-            for attention, hide in (("cuDNN band mask", ""), ("FlexAttention", "sys.modules['cudnn'] = None; "))}
+            for attention, hide in (("cuDNN band mask", ""), ("dense band mask (SDPA)", "sys.modules['cudnn'] = None; "))}
     cudnn_losses, flex_losses = runs.values()
-    print(f"losses of steps 1 and 2: cuDNN {cudnn_losses}, Flex {flex_losses}")
+    print(f"losses of steps 1 and 2: cuDNN {cudnn_losses}, dense mask {flex_losses}")
     assert None not in cudnn_losses + flex_losses
     assert cudnn_losses[0] == pytest.approx(flex_losses[0], rel=2e-3)  # the forward pass
     assert cudnn_losses[1] == pytest.approx(flex_losses[1], rel=1e-2)  # after one update: the backward
