@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sandbox.reaper import process_start
+
 from server.errors import NotFoundError
 from server.models import LIVE_STATUSES, RunRecord
 
@@ -57,24 +59,6 @@ FINISH_FIELDS = frozenset(
 )
 
 
-def process_start_time(pid: int) -> str | None:
-    """The kernel's start time of a process (field 22 of /proc/PID/stat), or None if it is gone.
-
-    Paired with the pid it names one process for good: a recycled pid has another start time.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def owner_alive(pid: int, start: str) -> bool:
-    """True while the server process that wrote a row is still running."""
-    return process_start_time(pid) == start
-
-
 class Ledger:
     """SQLite access for one lab. All methods are short and safe to call from the event loop."""
 
@@ -88,7 +72,7 @@ class Ledger:
         self._db.executescript(SCHEMA)
         self._add_columns()
         self.owner_pid = os.getpid()
-        self.owner_start = process_start_time(self.owner_pid) or "?"
+        self.owner_start = process_start(self.owner_pid) or "?"
 
     def _add_columns(self) -> None:
         have = {row["name"] for row in self._db.execute("PRAGMA table_info(runs)")}

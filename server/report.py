@@ -41,6 +41,10 @@ def plot(lab: Lab, out: Path) -> Path:
                        label=f"{agent} best", zorder=3) if kept else None
         color = line[0].get_color() if line else None
         ax.scatter([i for i, _ in kept], [v for _, v in kept], s=36, color=color, zorder=4, label=f"{agent} kept")
+        unverified = [(i, r.val_bpb) for i, r in done if r.verified is False]
+        if unverified:  # scored in train.py's own process: drawn hollow, named in the legend
+            ax.scatter([i for i, _ in unverified], [v for _, v in unverified], s=90, facecolors="none",
+                       edgecolors="red", zorder=5, label=f"{agent} unverified (in-process score)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("experiment # (per agent)")
     ax.set_ylabel("val_bpb (lower is better)")

@@ -8,12 +8,12 @@ import asyncio
 
 from sandbox.base import Backend
 from sandbox.gpus import SlotPool
+from sandbox.reaper import owner_alive
 from trainer.contract import ContractError, parse_train_result
 
 from server import log
 from server.experiment import measured_fields
 from server.lab import Lab, write_results_row
-from server.ledger import owner_alive
 from server.models import RunRecord
 
 logger = log.get("runtime")
@@ -47,7 +47,7 @@ async def recover(lab: Lab, backend: Backend) -> list[str]:
     reaped_ids = {item.run_id.removesuffix("-score") for item in reaped}  # sandbox ids: see Lab.sandbox_id
     interrupted = []
     for rec in lab.ledger.live():
-        if owner_alive(rec.owner_pid, rec.owner_start):
+        if owner_alive(rec.owner_pid, rec.owner_start, host=""):  # "": this host (a zombie is gone)
             continue
         if await lab.git(_finish_from_commit, lab, rec):
             continue

@@ -7,11 +7,14 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 
 from server.errors import NotFoundError
-from server.ledger import SCHEMA, Ledger, owner_alive, process_start_time
+from sandbox.reaper import owner_alive, process_start
+
+from server.ledger import SCHEMA, Ledger
 
 
 @pytest.fixture
@@ -27,7 +30,7 @@ def test_run_ids_are_per_agent_and_rows_start_queued(ledger):
     b1 = ledger.create_run("bob", "baseline", "c0")
     assert [a1.run_id, a2.run_id, b1.run_id] == ["alice-0001", "alice-0002", "bob-0001"]
     assert {r.status for r in (a1, a2, b1)} == {"queued"}
-    assert a1.owner_pid == os.getpid() and owner_alive(a1.owner_pid, a1.owner_start)
+    assert a1.owner_pid == os.getpid() and owner_alive(a1.owner_pid, a1.owner_start, host="")
 
 
 def test_finish_happens_exactly_once(ledger):
@@ -87,12 +90,19 @@ def test_unknown_run_is_a_clear_error(ledger):
         ledger.get("nobody-0001")
 
 
-def test_dead_owner_is_detected():
+def test_dead_owner_is_detected_zombie_or_reaped():
+    """One liveness rule for the ledger's rows and the reaper's containers: a zombie is gone too."""
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    start = process_start_time(proc.pid)
+    start = process_start(proc.pid)
+    assert start and owner_alive(proc.pid, start, host="")
+    for _ in range(200):  # exited but not waited for: a zombie
+        if not process_start(proc.pid):
+            break
+        time.sleep(0.01)
+    assert not owner_alive(proc.pid, start, host="")
     proc.wait()
-    assert start is not None and not owner_alive(proc.pid, start)
-    assert not owner_alive(os.getpid(), "not-my-start-time")
+    assert not owner_alive(proc.pid, start, host="")
+    assert not owner_alive(os.getpid(), "not-my-start-time", host="")
 
 
 def _insert_many(path, agent, n):
