@@ -17,9 +17,9 @@ from mcp.server.mcpserver import MCPServer
 
 from server import log, tools
 from server.errors import InvalidArgumentError
-from server.experiment import Experiments
 from server.lab import Lab, check_agent
-from server.runtime import image_of, make_runtime, recover
+from server.runs import Runs
+from server.runtime import make_runtime, recover
 
 INSTRUCTIONS = """\
 Autonomous ML research: improve train.py so that validation bits per byte (val_bpb, lower is
@@ -35,25 +35,22 @@ class AppState:
     """What the lifespan yields to every tool call."""
 
     lab: Lab
-    experiments: Experiments
+    runs: Runs
     stdio_agent: str | None
 
 
 @asynccontextmanager
 async def open_state(lab_dir: Path, stdio_agent: str | None) -> AsyncIterator[AppState]:
-    """Open the lab and its sandbox, mark runs of dead servers `interrupted`, and clean up at exit."""
+    """Open the lab, check its sandbox, mark runs of dead supervisors `interrupted`. Runs in flight
+    belong to their supervisors: closing the server leaves them going."""
     if stdio_agent is not None:
         check_agent(stdio_agent)
     lab = Lab(lab_dir)
     try:
-        backend, pool = make_runtime(lab)
+        backend, _ = make_runtime(lab)  # engine, image, runtime: say what is missing now
         await recover(lab, backend)
-        experiments = Experiments(lab, backend, pool, image_of(lab))
         logger.info("lab_opened", lab=str(lab.root), program=lab.config.program, agent=stdio_agent)
-        try:
-            yield AppState(lab, experiments, stdio_agent)
-        finally:
-            await experiments.shutdown()
+        yield AppState(lab, Runs(lab), stdio_agent)
     finally:
         lab.close()
 

@@ -21,18 +21,13 @@ logger = log.get("cli")
 
 @contextlib.contextmanager
 def cancelled_by_signals(signals: tuple[signal.Signals, ...], then=None):
-    """While inside, each of `signals` cancels the current task (its runs are cancelled, their
-    sandboxes killed, their rows recorded `cancelled: stopped by SIG...`); `then(task)` runs after.
-    Yields the task; `task.stopped_by` names the signal once one came."""
-    from server.experiment import LIVE  # noqa: PLC0415
-
+    """While inside, each of `signals` cancels the current task; `then(task)` runs after. Yields the
+    task; `task.stopped_by` names the signal once one came."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
 
     def stop(sig: signal.Signals) -> None:
         logger.warning("stopping", signal=sig.name)
-        for experiments in LIVE:
-            experiments.stop_reason = f"stopped by {sig.name}"
         task.stopped_by = sig.name  # type: ignore[attr-defined]
         task.cancel()
         if then is not None:
@@ -50,13 +45,13 @@ def cancelled_by_signals(signals: tuple[signal.Signals, ...], then=None):
 async def serve_stdio(server) -> None:
     """Serve over stdio until stdin closes or SIGTERM / SIGHUP / SIGINT arrives.
 
-    A signal ends the server the way a closed stdin does: runs in flight are cancelled (their
-    containers killed, their rows recorded `cancelled`) instead of orphaned until the next start.
+    Either way the server exits and its runs go on: each belongs to its supervisor (issue 19), and a
+    server of the lab started later sees them, waits on them or cancels them.
     """
-    def exit_once_settled(task: asyncio.Task) -> None:
-        asyncio.get_running_loop().create_task(_exit_once_settled(task))
+    def exit_soon(task: asyncio.Task) -> None:
+        asyncio.get_running_loop().create_task(_exit_soon(task))
 
-    with cancelled_by_signals((signal.SIGTERM, signal.SIGHUP, signal.SIGINT), exit_once_settled) as task:
+    with cancelled_by_signals((signal.SIGTERM, signal.SIGHUP, signal.SIGINT), exit_soon) as task:
         try:
             await server.run_stdio_async()
         except asyncio.CancelledError:
@@ -64,22 +59,16 @@ async def serve_stdio(server) -> None:
                 raise
 
 
-async def _exit_once_settled(task: asyncio.Task, limit_s: float = 60.0) -> None:
-    """Exit as soon as every run of this process is recorded (or `limit_s` passed).
+async def _exit_soon(task: asyncio.Task, limit_s: float = 5.0) -> None:
+    """Exit once the lifespan has closed the lab (or after `limit_s`).
 
     The stdio transport reads stdin in a worker thread that no cancellation can interrupt while the
     client keeps the pipe open, so the process would otherwise never finish exiting.
     """
-    from server.experiment import LIVE  # noqa: PLC0415
-
-    end, leave_at = time.monotonic() + limit_s, None
+    end = time.monotonic() + limit_s
     while time.monotonic() < end and not task.done():
-        if all(e.settled() for e in LIVE):  # runs recorded: a moment for the lifespan to close the lab
-            leave_at = leave_at or time.monotonic() + 1.0
-            if time.monotonic() > leave_at:
-                break
         await asyncio.sleep(0.05)
-    logger.info("server_stopped", settled=all(e.settled() for e in LIVE))
+    logger.info("server_stopped")
     logging.shutdown()
     os._exit(0)
 
@@ -101,8 +90,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     url = f"http://{args.host}:{args.port}"
     app = build_server(args.lab, tokens_file=args.tokens, url=url).streamable_http_app(host=args.host)
     logger.info("http_serving", url=f"{url}/mcp")
-    # On SIGTERM/SIGINT uvicorn waits this long for requests in flight (a blocking run_experiment can
-    # take minutes), then cancels them: their runs are recorded `cancelled` and their sandboxes killed.
+    # On SIGTERM/SIGINT uvicorn waits this long for requests in flight, then drops them; their runs go
+    # on under their supervisors (a client's cancel is the only thing that stops one).
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     return 0
 
@@ -134,7 +123,15 @@ async def cmd_run(args: argparse.Namespace) -> int:
                 async def report(elapsed: float, line: str) -> None:
                     print(f"[{elapsed:6.1f}s] {line}", file=sys.stderr, flush=True)
 
-                result = await state.experiments.run(args.agent, args.description, report)
+                # this shell is the run's client: a signal to it, or Ctrl-C, cancels the run
+                state.runs.cancel_reason = "cancelled: stopped by a signal to `autoresearch-mcp run`"
+
+                def named(t: asyncio.Task = task) -> bool:
+                    if getattr(t, "stopped_by", None):
+                        state.runs.cancel_reason = f"cancelled: stopped by {t.stopped_by}"
+                    return True
+
+                result = await state.runs.run(args.agent, args.description, report, cancelled_by_client=named)
         except asyncio.CancelledError:
             if not getattr(task, "stopped_by", None):
                 raise

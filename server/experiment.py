@@ -1,7 +1,8 @@
 """One experiment, end to end: ledger row → slot lease → train and score phases → decide → commit → record.
 
-The ledger row is written `queued` before anything else happens; whatever ends the run (result,
-crash, client cancellation, sandbox failure) finishes that row exactly once. Outcomes are statuses;
+Run by the run's supervisor (server.supervisor), never by an MCP server. The ledger row is written
+`queued` before anything else happens; whatever ends the run (result, crash, a cancel, sandbox
+failure) finishes that row exactly once. Outcomes are statuses;
 only a broken lab raises.
 """
 
@@ -10,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import weakref
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,13 +25,9 @@ from server.lab import Lab, check_agent, write_results_row
 from server.models import COMMITTED, ExperimentResult, RunRecord
 from server.phases import Attempt, Phases
 
-Reporter = Callable[[float, str], Awaitable[None]]
-"""Called with (seconds since the call began, one human-readable line) at least every interval."""
-
 MAX_DESCRIPTION = 500
 
 logger = log.get("experiment")
-LIVE: weakref.WeakSet[Experiments] = weakref.WeakSet()  # for a server stopping on a signal
 
 
 def check_description(description: str) -> str:
@@ -73,15 +68,7 @@ class Experiments:
         self.backend = backend
         self.pool = pool
         self.phases = Phases(lab, backend, image)
-        self.background: dict[str, asyncio.Task[ExperimentResult]] = {}
-        self.pending: dict[str, Pending] = {}
-        self.unsettled = 0  # runs begun and not yet recorded (the agent's lock still held)
-        self.stop_reason: str | None = None  # set when the server stops: why its runs were cancelled
-        LIVE.add(self)
-
-    def settled(self) -> bool:
-        """No run of this server is between its ledger row and its final record."""
-        return self.unsettled == 0
+        self.cancel_detail: str | None = None  # set by the supervisor when asked to cancel: the row's detail
 
     # -- the two halves of a run -----------------------------------------------------------------
 
@@ -105,45 +92,35 @@ class Experiments:
             stack.close()
             raise
         pending = Pending(record, snapshot, stack)
-        self.pending[record.run_id] = pending
-        self.unsettled += 1
         logger.info("run_queued", run_id=record.run_id, agent=agent, description=description)
         return pending
 
-    async def execute(self, pending: Pending, report: Reporter | None = None) -> ExperimentResult:
+    async def execute(self, pending: Pending) -> ExperimentResult:
         """Run a begun experiment to its recorded end; cancellation records `cancelled` and re-raises.
 
         Releases the agent's lock however it ends.
         """
-        run_id = pending.record.run_id
-        beat = asyncio.create_task(self._heartbeat(pending, report)) if report else None
-        with structlog.contextvars.bound_contextvars(run_id=run_id, agent=pending.record.agent):
-            return await self._execute(pending, beat)
+        with structlog.contextvars.bound_contextvars(run_id=pending.record.run_id, agent=pending.record.agent):
+            return await self._execute(pending)
 
-    async def _execute(self, pending: Pending, beat: asyncio.Task | None) -> ExperimentResult:
+    async def _execute(self, pending: Pending) -> ExperimentResult:
         run_id = pending.record.run_id
         try:
             try:
                 outcome = await self._run_in_sandbox(pending)
             except asyncio.CancelledError:
-                why = f"cancelled: {self.stop_reason}" if self.stop_reason else "cancelled by the client"
-                self.lab.ledger.finish(run_id, "cancelled", detail=why)
+                self.lab.ledger.finish(run_id, "cancelled", detail=self.cancel_detail or "cancelled by the client")
                 logger.info("run_cancelled", run_id=run_id)
                 raise
             except Exception as e:
                 logger.exception("run_infra_error", run_id=run_id)
                 self.lab.ledger.finish(run_id, "infra-error", detail=f"{type(e).__name__}: {e}")
                 raise
-            finally:
-                if beat:
-                    beat.cancel()
             # The run is over: a cancellation now must not leave a half-recorded run behind.
             pending.status_line = f"finishing: recording the {outcome.status} result"
             return await finish_despite_cancel(asyncio.ensure_future(self._record_or_fail(pending, outcome)))
         finally:
-            self.pending.pop(run_id, None)  # only now: until the ledger row is final, a poll sees a status line
             pending.lock.close()
-            self.unsettled -= 1
 
     async def _record_or_fail(self, pending: Pending, outcome: Attempt) -> ExperimentResult:
         try:
@@ -154,44 +131,7 @@ class Experiments:
                                    detail=f"recording the {outcome.status} result failed: {type(e).__name__}: {e}")
             raise
 
-    async def run(self, agent: str, description: str, report: Reporter | None = None) -> ExperimentResult:
-        """The blocking form: begin and execute in the caller's task."""
-        return await self.execute(await self.begin(agent, description), report)
-
-    async def start(self, agent: str, description: str) -> RunRecord:
-        """Begin a run and leave it running in this server process; poll with `progress_of` and the ledger."""
-        pending = await self.begin(agent, description)
-        task = asyncio.create_task(self.execute(pending), name=f"run-{pending.record.run_id}")
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no "never retrieved" noise
-        self.background[pending.record.run_id] = task
-        return pending.record
-
-    def progress_of(self, run_id: str) -> str | None:
-        p = self.pending.get(run_id)
-        return p.status_line if p else None
-
-    async def shutdown(self, settle_s: float = 30.0) -> None:
-        """Cancel background runs (each is recorded `cancelled` and its container killed), then wait
-        for blocking runs that their callers are cancelling to be recorded too: the lab must stay
-        open until then."""
-        self.stop_reason = self.stop_reason or "the server was stopped"
-        tasks = [t for t in self.background.values() if not t.done()]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        end = time.monotonic() + settle_s
-        while not self.settled() and time.monotonic() < end:
-            await asyncio.sleep(0.05)
-        if not self.settled():
-            logger.warning("shutdown_with_unsettled_runs", runs=sorted(self.pending))
-
     # -- inside ----------------------------------------------------------------------------------
-
-    async def _heartbeat(self, pending: Pending, report: Reporter) -> None:
-        interval = self.lab.config.progress_interval_s
-        while True:
-            await report(time.monotonic() - pending.started, pending.status_line)
-            await asyncio.sleep(interval)
 
     async def _run_in_sandbox(self, pending: Pending) -> Attempt:
         run_id = pending.record.run_id

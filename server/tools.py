@@ -18,10 +18,9 @@ from pydantic import ConfigDict, Field
 from sandbox.errors import SandboxError
 
 from server.errors import LabError
-from server.experiment import to_result
 from server.models import (
-    BestResults, ExperimentResult, ExperimentState, LogText, PatchResult, ProgramText, ResetResult, RunList,
-    RunStarted, TrainFile,
+    COMMITTED, BestResults, ExperimentResult, ExperimentState, LogText, PatchResult, ProgramText, ResetResult, RunList,
+    RunStarted, RunStatus, TrainFile,
 )
 
 P = ParamSpec("P")
@@ -38,6 +37,16 @@ def agent_of(ctx: Context) -> str:
     if agent is None:
         raise ToolError("this server has no agent identity; start it with --agent NAME or use a bearer token")
     return agent
+
+
+def client_cancelled(ctx: Context) -> bool:
+    """True when the client sent notifications/cancelled for this call, False when the call ended
+    because the session or the server did. The SDK sets an event on the request's dispatch context
+    but MCPServer's Context does not expose it yet (mcp 2.3): read it where the session keeps it,
+    and where it cannot be found, count the call as cancelled by its client."""
+    outbound = getattr(ctx.request_context.session, "_request_outbound", None)  # noqa: SLF001
+    event = getattr(outbound, "cancel_requested", None)
+    return event.is_set() if event is not None else True
 
 
 def state(ctx: Context) -> Any:
@@ -103,12 +112,13 @@ async def run_experiment(
     Blocks for the whole run: the budget (read_program's budget_s, 300 s on the GPU program) plus
     start-up and evaluation, and any wait for the shared run slot; sends progress notifications at
     least every 10 s (queue position, phase, step, loss, tokens/s, seconds left). The run is
-    sandboxed: no network, a hard deadline. The harness, not train.py, measures val_bpb
-    (validation bits per byte, lower is better).
+    sandboxed: no network, a hard deadline. val_bpb (validation bits per byte, lower is better) is
+    measured by a separate trusted scorer on the model you submit (exported with torch.export), never
+    by train.py's process.
     Afterwards train.py is committed on your branch: if val_bpb beat your best it is kept (the
     branch advances); otherwise it is discarded and train.py returns to your best (the attempt stays
-    reachable by its commit). Your first run is your baseline. On crash / timeout / oom the result
-    carries the log tail with the traceback: fix the bug and run again. Cancelling the call kills the
+    reachable by its commit). Your first run is your baseline. On crash / timeout / oom / invalid /
+    unscorable the result carries the reason and the log tail: fix the cause and run again. Cancelling the call kills the
     run and records it as cancelled. For clients with short call limits use start_experiment.
     """
     agent = agent_of(ctx)
@@ -116,7 +126,8 @@ async def run_experiment(
     async def report(elapsed_s: float, line: str) -> None:
         await ctx.report_progress(progress=round(elapsed_s, 1), total=None, message=line)
 
-    return await state(ctx).experiments.run(agent, description, report)
+    # a client that cancels this call cancels the run; a server that goes away leaves it running
+    return await state(ctx).runs.run(agent, description, report, cancelled_by_client=lambda: client_cancelled(ctx))
 
 
 async def start_experiment(
@@ -125,10 +136,12 @@ async def start_experiment(
 ) -> RunStarted:
     """Start the same experiment as run_experiment in the background and return its run id at once.
 
-    Poll get_experiment(run_id) every 30-60 s until finished is true; the result is the same as
-    run_experiment's. train.py cannot be patched while the run is in flight.
+    The run belongs to its own supervisor process: it goes on whatever happens to this client or
+    this server, and any server of the lab can follow it. Block on it with wait_experiment(run_id),
+    or poll get_experiment(run_id) every 30-60 s until finished is true; the result is the same as
+    run_experiment's. train.py cannot be patched while the run is in flight; cancel_experiment stops it.
     """
-    rec = await state(ctx).experiments.start(agent_of(ctx), description)
+    rec = await state(ctx).runs.start(agent_of(ctx), description)
     return RunStarted(run_id=rec.run_id, status=rec.status)
 
 
@@ -138,16 +151,43 @@ async def get_experiment(
 ) -> ExperimentState:
     """Get one of your runs: its result when finished, its latest progress while queued or running.
 
-    Instant; no side effects.
+    Works for any run of yours, whichever client or server started it. Instant; no side effects.
     """
     st = state(ctx)
     rec = st.lab.own_run(agent_of(ctx), run_id)
     finished = rec.status not in ("queued", "running")
-    tail = None
-    if finished and rec.status in ("crash", "timeout", "oom"):
-        tail = st.lab.log_tail(rec.agent, run_id, st.lab.config.log_tail_lines).text
-    return ExperimentState(result=to_result(rec, tail), progress=None if finished else st.experiments.progress_of(run_id),
+    return ExperimentState(result=st.runs.result(rec), progress=None if finished else st.runs.progress_of(run_id),
                            finished=finished)
+
+
+async def wait_experiment(
+    ctx: Context,
+    run_id: Annotated[str, Field(description="A run id of yours, e.g. 'alice-0003'.")],
+) -> ExperimentResult:
+    """Block until one of your runs (started here or by any other client) finishes; return its result.
+
+    Sends progress notifications at least every 10 s, like run_experiment. Cancelling this call does
+    NOT cancel the run (use cancel_experiment); a finished run returns at once.
+    """
+    st = state(ctx)
+    rec = st.lab.own_run(agent_of(ctx), run_id)
+
+    async def report(elapsed_s: float, line: str) -> None:
+        await ctx.report_progress(progress=round(elapsed_s, 1), total=None, message=line)
+
+    return await st.runs.wait(rec.run_id, report)
+
+
+async def cancel_experiment(
+    ctx: Context,
+    run_id: Annotated[str, Field(description="A run id of yours that is queued or running.")],
+) -> ExperimentResult:
+    """Stop one of your runs in flight: its container is killed and it is recorded `cancelled` (nothing
+    is committed). Returns the recorded result within seconds. A finished run cannot be cancelled.
+    """
+    st = state(ctx)
+    rec = st.lab.own_run(agent_of(ctx), run_id)
+    return await st.runs.cancel(rec.run_id, "cancelled by the client (cancel_experiment)")
 
 
 async def get_best(ctx: Context) -> BestResults:
@@ -161,8 +201,7 @@ async def get_best(ctx: Context) -> BestResults:
 
 async def list_experiments(
     ctx: Context,
-    status: Annotated[Literal["ok", "crash", "timeout", "oom", "cancelled", "infra-error", "interrupted", "queued",
-                              "running"] | None,
+    status: Annotated[RunStatus | None,
                       Field(description="Only runs with this status; omit for all.")] = None,
     kept_only: Annotated[bool, Field(description="Only runs that were kept (each one a new best).")] = False,
     limit: Annotated[int, Field(description="At most this many runs, newest first (1-500).", ge=1, le=500)] = 20,
@@ -195,7 +234,8 @@ async def reset_train(
     return await state(ctx).lab.reset_train(agent_of(ctx), to)
 
 
-TOOLS = [read_program, read_train, apply_patch, run_experiment, start_experiment, get_experiment, get_best,
+TOOLS = [read_program, read_train, apply_patch, run_experiment, start_experiment, get_experiment, wait_experiment,
+         cancel_experiment, get_best,
          list_experiments, get_log, reset_train]
 
 

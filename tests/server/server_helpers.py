@@ -85,3 +85,18 @@ async def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.2
             return value
         await anyio.sleep(poll_s)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def server_pids(root: Path) -> list[int]:
+    """The `autoresearch-mcp serve` processes of a lab (a run's row names its supervisor, not these)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"serve" in argv and str(root).encode() in argv and any(a.endswith(b"server.cli") for a in argv):
+            pids.append(int(proc.name))
+    return pids

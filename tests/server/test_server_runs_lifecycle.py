@@ -12,7 +12,7 @@ import anyio
 import git
 import pytest
 from mcp import Client
-from server_helpers import IMAGE, ledger_rows, make_diff, open_dir, stdio_params, wait_until
+from server_helpers import IMAGE, ledger_rows, make_diff, open_dir, server_pids, stdio_params, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.docker]
 
@@ -44,27 +44,52 @@ async def test_cancelling_a_run_kills_its_container(make_lab, tiny_data, lab_con
         assert [r["status"] for r in listed["runs"]] == ["cancelled"] and listed["runs"][0]["commit"] is None
 
 
-async def test_server_killed_mid_run_is_recovered_at_restart(make_lab, tiny_data, lab_containers):
-    root = make_lab(backend="docker", data_dir=open_dir(tiny_data), budget_s=60)
+async def test_a_run_outlives_the_client_and_the_server_that_started_it(make_lab, tiny_data, lab_containers):
+    """The Inspector scenario (issue 19): one client process starts a run and exits (its stdio server
+    with it); a second client, through a new server, waits for the result. Then a blocking call whose
+    server is killed with SIGKILL: the run is recorded all the same."""
+    root = make_lab(backend="docker", data_dir=open_dir(tiny_data))
+    async with Client(stdio_params(root, "alice"), read_timeout_seconds=600) as first:
+        started = (await first.call_tool("start_experiment", {"description": "started, then the client left"}))
+        run_id = started.structured_content["run_id"]
+    await wait_until(lambda: server_pids(root) == [], 30, "the first server to exit")
+    assert ledger_rows(root)[0].status in ("queued", "running")  # still going without any server
+    async with Client(stdio_params(root, "alice"), read_timeout_seconds=600) as second:
+        result = (await second.call_tool("wait_experiment", {"run_id": run_id})).structured_content
+        assert (result["run_id"], result["status"], result["kept"]) == (run_id, "ok", True), result
+        state = (await second.call_tool("get_experiment", {"run_id": run_id})).structured_content
+        assert state["finished"] and state["result"]["val_bpb"] == result["val_bpb"]
 
     async def doomed_session() -> None:
         try:
             async with Client(stdio_params(root, "alice"), read_timeout_seconds=600) as client:
-                await client.call_tool("run_experiment", {"description": "the server dies during this"})
+                await client.call_tool("run_experiment", {"description": "its server dies during this"})
         except BaseException:  # noqa: BLE001 - the server is killed under the call; any way out is fine
             pass
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(doomed_session)
+        await wait_until(running_container(lab_containers), 60, "the second run's container")
+        [pid] = server_pids(root)
+        os.kill(pid, signal.SIGKILL)
+        tg.cancel_scope.cancel()
+    await wait_until(lambda: ledger_rows(root)[-1].status not in ("queued", "running"), 120, "the run's record")
+    rows = ledger_rows(root)
+    assert [r.status for r in rows] == ["ok", "ok"] and all(r.commit for r in rows)
+    await wait_until(lambda: lab_containers() == [], 30, "its containers to be removed")
+
+
+async def test_a_killed_supervisor_is_recovered_at_restart(make_lab, tiny_data, lab_containers):
+    root = make_lab(backend="docker", data_dir=open_dir(tiny_data), budget_s=60)
+    async with Client(stdio_params(root, "alice"), read_timeout_seconds=600) as client:
+        await client.call_tool("start_experiment", {"description": "its supervisor dies during this"})
         await wait_until(running_container(lab_containers), 60, "the run's container")
         [row] = ledger_rows(root)
-        assert row.status == "running"
-        # past its start-up (which reads the validation split from the server): training on its own
+        assert row.status == "running" and row.owner_pid not in server_pids(root)  # the row names its supervisor
         await wait_until(lambda: '"phase": "train"' in _progress(root, row.run_id), 60, "training to start")
         os.kill(row.owner_pid, signal.SIGKILL)
-        await wait_until(lambda: not os.path.exists(f"/proc/{row.owner_pid}"), 10, "the server to die")
-        tg.cancel_scope.cancel()
-    assert running_container(lab_containers)(), "the orphaned container should outlive its server"
+        await wait_until(lambda: not os.path.exists(f"/proc/{row.owner_pid}"), 10, "the supervisor to die")
+    assert running_container(lab_containers)(), "the orphaned container should outlive its supervisor"
 
     async with Client(stdio_params(root, "alice"), read_timeout_seconds=600) as client:
         assert lab_containers() == []  # reaped at start-up, before the first request is served
@@ -177,10 +202,10 @@ async def test_a_broken_sandbox_is_an_infra_error_not_a_result(make_lab, tiny_da
         git.Repo(root / "repo").commit("main").hexsha]
 
 
-async def test_sigterm_stops_the_server_cleanly_mid_run(make_lab, tiny_data, lab_containers):
-    """A client that closes with SIGTERM: the run is cancelled and its container removed at once,
-    not orphaned until the next start."""
-    root = make_lab(backend="docker", data_dir=open_dir(tiny_data), budget_s=60)
+async def test_sigterm_stops_the_server_but_not_its_run(make_lab, tiny_data, lab_containers):
+    """A server told to stop exits at once; the blocking call's run goes on under its supervisor and
+    is recorded (only a cancel stops a run)."""
+    root = make_lab(backend="docker", data_dir=open_dir(tiny_data))
 
     async def session() -> None:
         try:
@@ -192,11 +217,11 @@ async def test_sigterm_stops_the_server_cleanly_mid_run(make_lab, tiny_data, lab
     async with anyio.create_task_group() as tg:
         tg.start_soon(session)
         await wait_until(running_container(lab_containers), 60, "the run's container")
-        [row] = ledger_rows(root)
-        os.kill(row.owner_pid, signal.SIGTERM)
-        await wait_until(lambda: ledger_rows(root)[0].status != "running", 30, "the row to be finished")
-        await wait_until(lambda: lab_containers() == [], 30, "the container to be removed")
-        await wait_until(lambda: not os.path.exists(f"/proc/{row.owner_pid}"), 30, "the server to exit")
+        [pid] = server_pids(root)
+        os.kill(pid, signal.SIGTERM)
+        await wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 15, "the server to exit")
         tg.cancel_scope.cancel()
+    await wait_until(lambda: ledger_rows(root)[0].status not in ("queued", "running"), 120, "the run's record")
     [row] = ledger_rows(root)
-    assert (row.status, row.detail) == ("cancelled", "cancelled: stopped by SIGTERM")
+    assert (row.status, row.kept) == ("ok", True), (row.status, row.detail)
+    await wait_until(lambda: lab_containers() == [], 30, "the container to be removed")

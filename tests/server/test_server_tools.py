@@ -3,7 +3,8 @@ changes nothing. (Runs go through real stdio and real containers in test_server_
 
 from __future__ import annotations
 
-import threading
+import fcntl
+import os
 
 import anyio
 import pytest
@@ -11,7 +12,6 @@ from mcp import Client
 from server_helpers import lab_state, make_diff
 
 from server.app import build_server
-from server.history import History
 
 pytestmark = pytest.mark.anyio
 
@@ -53,6 +53,8 @@ def bad_cases(train: str) -> list[tuple[str, str, dict, str]]:
         ("unknown-arg-run", "run_experiment", {"description": "x", "budget_s": 1}, "budget_s"),
         ("start-empty-description", "start_experiment", {"description": ""}, "description"),
         ("unknown-run", "get_experiment", {"run_id": "alice-9999"}, "no run"),
+        ("wait-unknown-run", "wait_experiment", {"run_id": "alice-9999"}, "no run"),
+        ("cancel-other-agents-run", "cancel_experiment", {"run_id": "bob-0001"}, "no run"),
         ("other-agents-run", "get_log", {"run_id": "bob-0001"}, "no run"),
         ("log-lines-range", "get_log", {"run_id": "alice-0001", "lines": 0}, "lines"),
         ("reset-target", "reset_train", {"to": "yesterday"}, "to"),
@@ -79,7 +81,8 @@ async def test_bad_input_is_rejected_and_changes_nothing(client, case):
 async def test_tools_are_listed_with_schemas_and_manuals(client):
     tools = {t.name: t for t in (await client.list_tools()).tools}
     assert set(tools) == {"read_program", "read_train", "apply_patch", "run_experiment", "start_experiment",
-                          "get_experiment", "get_best", "list_experiments", "get_log", "reset_train"}
+                          "get_experiment", "wait_experiment", "cancel_experiment", "get_best", "list_experiments",
+                          "get_log", "reset_train"}
     for t in tools.values():
         assert t.output_schema is not None and len(t.description) > 80, t.name
         assert t.input_schema.get("additionalProperties") is False
@@ -115,30 +118,32 @@ async def test_runs_need_prepared_data_and_leave_no_row_without_it(make_lab):
         assert lab_state(root) == before
 
 
-async def test_a_run_being_recorded_is_still_in_flight_with_a_status_line(client, monkeypatch):
+async def test_a_run_being_recorded_is_still_in_flight_with_a_status_line(client):
     """Between the sandbox's end and the ledger's final row (the git commit), a poll must still see
-    the run in flight and say what it is doing, never `running` with no progress."""
-    committing, release = threading.Event(), threading.Event()
-    commit_attempt = History.commit_attempt
-
-    def slow_commit(self, *args, **kwargs):
-        committing.set()
-        assert release.wait(60), "the test never released the commit"
-        return commit_attempt(self, *args, **kwargs)
-
-    monkeypatch.setattr(History, "commit_attempt", slow_commit)
+    the run in flight and say what it is doing, never `running` with no progress. The test holds the
+    lab's git lock (a file lock, as another server would) so the run's supervisor waits to commit."""
     run_id = (await client.call_tool("start_experiment", {"description": "baseline"})).structured_content["run_id"]
+    fd = os.open(client.lab_root / "locks" / "git.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         with anyio.fail_after(120):
-            while not committing.is_set():
+            while True:
                 state = (await client.call_tool("get_experiment", {"run_id": run_id})).structured_content
                 assert not state["finished"] and state["progress"], state
+                if state["progress"].startswith("running: phase train"):
+                    break
                 await anyio.sleep(0.05)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # the run's own git reads are done: it can only be blocked at its commit
+        with anyio.fail_after(120):
+            while not (state := (await client.call_tool("get_experiment", {"run_id": run_id})).structured_content)[
+                    "progress"].startswith("finishing"):
+                assert not state["finished"], state
+                await anyio.sleep(0.1)
+        await anyio.sleep(1.0)  # still held: still in flight
         state = (await client.call_tool("get_experiment", {"run_id": run_id})).structured_content
         assert (state["finished"], state["result"]["status"]) == (False, "running"), state
         assert state["progress"] == "finishing: recording the ok result", state
     finally:
-        release.set()
+        os.close(fd)
     with anyio.fail_after(60):
         while not (state := (await client.call_tool("get_experiment", {"run_id": run_id})).structured_content)["finished"]:
             await anyio.sleep(0.05)

@@ -1,0 +1,112 @@
+"""What an MCP server does with runs it does not own (issue 19): start one (a detached supervisor,
+server.supervisor, owns it from then on), watch one through the ledger and its status file, wait
+for one with progress, cancel one. Any server of the lab can do each of these for any run of the
+agent it serves, whichever server started it; a server that exits leaves its runs going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+
+from sandbox.base import finish_despite_cancel
+from sandbox.reaper import owner_alive
+
+from server import log
+from server.errors import InvalidArgumentError
+from server.experiment import check_description, to_result
+from server.lab import Lab, check_agent
+from server.models import LIVE_STATUSES, ExperimentResult, RunRecord
+from server.supervisor import CANCEL_FILE, read_status, spawn
+
+Reporter = Callable[[float, str], Awaitable[None]]
+"""Called with (seconds since the call began, one human-readable line) at least every interval."""
+
+POLL_S = 0.25
+CANCEL_WAIT_S = 60.0
+
+logger = log.get("runs")
+
+
+class Runs:
+    """The lab's runs as one server sees them."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+
+    async def start(self, agent: str, description: str) -> RunRecord:
+        """Start a run under its own supervisor; returns its `queued` row."""
+        check_agent(agent)
+        check_description(description)
+        run_id = await spawn(self.lab.root, agent, description)
+        logger.info("run_started_detached", run_id=run_id, agent=agent)
+        return self.lab.ledger.get(run_id)
+
+    def progress_of(self, run_id: str) -> str | None:
+        rec = self.lab.ledger.find(run_id)
+        if rec is None or rec.status not in LIVE_STATUSES:
+            return None
+        return read_status(self.lab.run_dir(run_id)) or rec.status
+
+    def result(self, rec: RunRecord) -> ExperimentResult:
+        """A finished run as the tools return it: with the log's end when its own code ended it."""
+        tail = None
+        if rec.status not in ("ok", *LIVE_STATUSES):
+            tail = self.lab.log_tail(rec.agent, rec.run_id, self.lab.config.log_tail_lines).text or None
+        return to_result(rec, tail)
+
+    async def wait(self, run_id: str, report: Reporter | None = None) -> ExperimentResult:
+        """Block until the run's row is final, reporting its progress at least every interval."""
+        t0, last_report = time.monotonic(), -1e9
+        interval = self.lab.config.progress_interval_s
+        while True:
+            rec = self.lab.ledger.get(run_id)
+            if rec.status not in LIVE_STATUSES:
+                return self.result(rec)
+            if not owner_alive(rec.owner_pid, rec.owner_start, host=""):
+                await asyncio.sleep(1.0)  # it may have just recorded the run: look once more
+                rec = self.lab.ledger.get(run_id)
+                if rec.status in LIVE_STATUSES and self.lab.ledger.finish(
+                        run_id, "interrupted", detail="the run's supervisor died during the run"):
+                    logger.warning("run_interrupted", run_id=run_id)
+                continue
+            now = time.monotonic()
+            if report is not None and now - last_report >= interval:
+                last_report = now
+                await report(now - t0, self.progress_of(run_id) or rec.status)
+            await asyncio.sleep(POLL_S)
+
+    async def cancel(self, run_id: str, why: str = "cancelled by the client") -> ExperimentResult:
+        """Stop a run in flight (its supervisor kills the sandbox and records `cancelled`)."""
+        rec = self.lab.ledger.get(run_id)
+        if rec.status not in LIVE_STATUSES:
+            raise InvalidArgumentError(f"run {run_id} already finished ({rec.status}); nothing to cancel")
+        (self.lab.run_dir(run_id)).mkdir(parents=True, exist_ok=True)
+        (self.lab.run_dir(run_id) / CANCEL_FILE).write_text(why, encoding="utf-8")
+        if owner_alive(rec.owner_pid, rec.owner_start, host=""):
+            try:
+                os.kill(rec.owner_pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        logger.info("run_cancel_sent", run_id=run_id, supervisor=rec.owner_pid)
+        return await asyncio.wait_for(self.wait(run_id), CANCEL_WAIT_S)
+
+    async def run(self, agent: str, description: str, report: Reporter | None = None,
+                  cancelled_by_client: Callable[[], bool] = lambda: True) -> ExperimentResult:
+        """Start and wait. Cancelled, it cancels the run only if `cancelled_by_client()` says the
+        caller asked for it; a server that is going away leaves the run to its supervisor."""
+        rec = await self.start(agent, description)
+        try:
+            return await self.wait(rec.run_id, report)
+        except asyncio.CancelledError:
+            if cancelled_by_client():  # recorded before this call ends, however often it is cancelled
+                await finish_despite_cancel(asyncio.ensure_future(self.cancel(rec.run_id, self.cancel_reason)))
+            else:
+                logger.info("run_left_to_its_supervisor", run_id=rec.run_id)
+            raise
+
+    cancel_reason = "cancelled by the client"
+    """What a cancelled run's row says (the shell's `run` names the signal that stopped it)."""
