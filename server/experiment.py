@@ -24,6 +24,7 @@ from server.errors import InvalidArgumentError, LabStateError
 from server.lab import Lab, check_agent, write_results_row
 from server.models import COMMITTED, ExperimentResult, RunRecord
 from server.phases import Attempt, Phases
+from server.text import TAIL_CHARS, printable
 
 MAX_DESCRIPTION = 500
 
@@ -33,8 +34,10 @@ logger = log.get("experiment")
 def check_description(description: str) -> str:
     if not isinstance(description, str) or not description.strip():
         raise InvalidArgumentError("description is empty; say in a few words what this experiment changes")
-    if len(description) > MAX_DESCRIPTION or "\x00" in description:
-        raise InvalidArgumentError(f"description must be at most {MAX_DESCRIPTION} characters of text")
+    clean = printable(description, MAX_DESCRIPTION)
+    if len(description) > MAX_DESCRIPTION or clean != description.replace("\r\n", "\n"):
+        raise InvalidArgumentError(f"description must be at most {MAX_DESCRIPTION} characters of printable text "
+                                   "(no control characters or invalid Unicode)")
     return " ".join(description.split())
 
 
@@ -192,7 +195,7 @@ class Experiments:
         tb = None if scored or attempt.train is None else attempt.train.traceback_tail
         if tb and tb.strip() and tb.strip() not in tail:
             tail = f"{tail}\n--- traceback ---\n{tb}"
-        return tail
+        return printable(tail, TAIL_CHARS)
 
 
 def to_result(rec: RunRecord, log_tail: str | None = None) -> ExperimentResult:

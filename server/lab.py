@@ -31,6 +31,7 @@ from server import log
 from server.errors import BusyError, InvalidArgumentError, InvalidPatchError, LabStateError, NotFoundError
 from server.history import TRAIN, History, init_repo
 from server.ledger import Ledger
+from server.text import TAIL_CHARS, printable
 from server.models import (
     AGENT_RE, LIVE_STATUSES, RUN_STATUSES, BestEntry, BestResults, LabConfig, LogText, PatchResult, ProgramText,
     ResetResult, RunList, RunRecord, RunSummary, TrainFile,
@@ -283,8 +284,10 @@ class Lab:
             path = self.run_dir(run_id) / name
             if path.exists():
                 all_lines += ([banner] if banner else []) + path.read_text(encoding="utf-8", errors="replace").splitlines()
-        return LogText(run_id=run_id, status=rec.status, text="\n".join(all_lines[-lines:]),
-                       truncated=len(all_lines) > lines)
+        text = "\n".join(all_lines[-lines:])
+        clean = printable(text, TAIL_CHARS)  # the raw log stays on disk
+        return LogText(run_id=run_id, status=rec.status, text=clean,
+                       truncated=len(all_lines) > lines or len(clean) < len(text))
 
     def list_runs(self, agent: str, status: str | None, kept_only: bool, limit: int) -> RunList:
         if not 1 <= limit <= 500:

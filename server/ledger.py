@@ -19,6 +19,7 @@ from sandbox.reaper import process_start
 
 from server.errors import NotFoundError
 from server.models import LIVE_STATUSES, RunRecord
+from server.text import DETAIL_CHARS, printable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -124,7 +125,8 @@ class Ledger:
             raise ValueError(f"unknown ledger fields: {sorted(unknown)}")
         sets = ", ".join(f'"{k}" = ?' for k in fields)
         sql = f"UPDATE runs SET status = ?, finished_at = ?{', ' + sets if sets else ''} WHERE run_id = ? AND status IN ('queued', 'running')"
-        values = [status, time.time(), *(int(v) if isinstance(v, bool) else v for v in fields.values()), run_id]
+        values = [status, time.time(), *(int(v) if isinstance(v, bool) else printable(v, DETAIL_CHARS)
+                                         if isinstance(v, str) else v for v in fields.values()), run_id]
         with self._lock:
             cur = self._db.execute(sql, values)
         return cur.rowcount == 1

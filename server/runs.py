@@ -20,6 +20,7 @@ from server.errors import InvalidArgumentError
 from server.experiment import check_description, to_result
 from server.lab import Lab, check_agent
 from server.models import LIVE_STATUSES, ExperimentResult, RunRecord
+from server.runtime import finish_orphan
 from server.supervisor import CANCEL_FILE, read_status, spawn
 
 Reporter = Callable[[float, str], Awaitable[None]]
@@ -69,9 +70,8 @@ class Runs:
             if not owner_alive(rec.owner_pid, rec.owner_start, host=""):
                 await asyncio.sleep(1.0)  # it may have just recorded the run: look once more
                 rec = self.lab.ledger.get(run_id)
-                if rec.status in LIVE_STATUSES and self.lab.ledger.finish(
-                        run_id, "interrupted", detail="the run's supervisor died during the run"):
-                    logger.warning("run_interrupted", run_id=run_id)
+                if rec.status in LIVE_STATUSES:
+                    await finish_orphan(self.lab, rec, "the run's supervisor died during the run")
                 continue
             now = time.monotonic()
             if report is not None and now - last_report >= interval:

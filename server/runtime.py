@@ -36,10 +36,10 @@ def image_of(lab: Lab) -> str:
 
 
 async def recover(lab: Lab, backend: Backend) -> list[str]:
-    """Reap orphaned containers, then mark live rows of dead servers `interrupted`; returns their ids.
+    """Reap orphaned containers, then mark live rows of dead supervisors `interrupted`; returns their ids.
 
-    A row stays untouched while the server that wrote it runs (another agent's process); a row whose
-    owner is gone is finished once, here, and never recorded again.
+    A row stays untouched while the supervisor that owns it runs; a row whose owner is gone is
+    finished once, here, and never recorded again.
     """
     reaped = await asyncio.to_thread(backend.reap)
     for item in reaped:
@@ -49,14 +49,21 @@ async def recover(lab: Lab, backend: Backend) -> list[str]:
     for rec in lab.ledger.live():
         if owner_alive(rec.owner_pid, rec.owner_start, host=""):  # "": this host (a zombie is gone)
             continue
-        if await lab.git(_finish_from_commit, lab, rec):
-            continue
         reaped_note = "; its container was reaped" if lab.sandbox_id(rec.run_id) in reaped_ids else ""
-        note = "the server stopped during the run" + reaped_note
-        if lab.ledger.finish(rec.run_id, "interrupted", detail=note):
+        if await finish_orphan(lab, rec, "the run's supervisor stopped during the run" + reaped_note):
             interrupted.append(rec.run_id)
-            logger.warning("run_interrupted", run_id=rec.run_id, agent=rec.agent)
     return interrupted
+
+
+async def finish_orphan(lab: Lab, rec: RunRecord, note: str) -> bool:
+    """Finish the live row of a dead supervisor: from its commit if it made one, else `interrupted`.
+    True when it was marked interrupted here."""
+    if await lab.git(_finish_from_commit, lab, rec):
+        return False
+    if lab.ledger.finish(rec.run_id, "interrupted", detail=note):
+        logger.warning("run_interrupted", run_id=rec.run_id, agent=rec.agent)
+        return True
+    return False
 
 
 def _finish_from_commit(lab: Lab, rec: RunRecord) -> bool:
@@ -84,7 +91,7 @@ def _finish_from_commit(lab: Lab, rec: RunRecord) -> bool:
     status = "ok" if decision in ("keep", "discard") else decision
     verified = None if val is None else "Verified" not in trailers
     if lab.ledger.finish(rec.run_id, status, decision=decision, val_bpb=val, delta=delta, kept=keep, commit=sha,
-                         verified=verified, detail="recorded at restart: the server stopped after committing this run",
+                         verified=verified, detail="recorded from its commit: the supervisor stopped after committing this run",
                          **fields):
         write_results_row(lab.results_path(rec.agent), sha, val, fields["peak_memory_mb"], decision,
                           rec.description, verified=verified is not False)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 # -- the container layout, both phases ---------------------------------------------------------------
 
@@ -52,6 +52,12 @@ ScoreStatus = Literal["ok", "invalid", "unscorable", "crash"]
 
 class _Result(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("reason", "traceback_tail", mode="before", check_fields=False)
+    @classmethod
+    def _encodable(cls, v: object) -> object:
+        """An error's text comes from train.py: a lone surrogate in it would make the JSON unreadable."""
+        return v.encode("utf-8", "replace").decode("utf-8") if isinstance(v, str) else v
 
 
 class StepSeconds(_Result):

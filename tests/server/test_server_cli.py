@@ -4,6 +4,7 @@ one experiment from the shell, report. Real Docker, real git."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -33,7 +34,7 @@ def test_prepare_doctor_run_report(tmp_path, docker_client, lab_containers):
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
     assert result["status"] == "ok" and result["kept"] and result["val_bpb"] > 0
-    assert "running" in run.stderr  # progress lines on stderr, the result alone on stdout
+    assert re.search(r"^\[\s*[\d.]+s\] (queued|running|scoring)", run.stderr, re.M), run.stderr  # progress on stderr
 
     report = cli("report", "--lab", str(lab))
     assert report.returncode == 0, report.stderr
