@@ -70,7 +70,7 @@ class Experiments:
         self.lab = lab
         self.backend = backend
         self.pool = pool
-        self.phases = Phases(lab, backend, image)
+        self.phases = Phases(lab, backend, image, slots=len(pool.slots))
         self.cancel_detail: str | None = None  # set by the supervisor when asked to cancel: the row's detail
 
     # -- the two halves of a run -----------------------------------------------------------------

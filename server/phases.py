@@ -11,6 +11,7 @@ gain at most a tenth of the budget before the run is refused as `invalid`.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import time
@@ -21,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 from sandbox.base import Backend
-from sandbox.models import Mount, RunOutcome, RunSpec
+from sandbox.models import Limits, Mount, RunOutcome, RunSpec
 from sandbox.runio import copy_output, read_output, read_tail_bytes
 from trainer import contract
 from trainer.contract import ContractError, ScoreResult, TrainResult
@@ -78,11 +79,22 @@ def time_reference(lab: Lab, agent: str, budget_s: float, recent: int = 5) -> Ti
     return None
 
 
+def host_share(slots: int) -> Limits:
+    """Each run's share of this host: memory under what the host has (else the host's OOM killer,
+    not the run's cgroup, ends a memory hog: a `crash`, not an `oom`), and with several slots an even
+    share of the cores, so that one run's fork bomb or thread storm cannot starve its neighbours."""
+    host_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    cores = len(os.sched_getaffinity(0))
+    return Limits(memory_gb=min(Limits().memory_gb, round(0.85 * host_gb / max(slots, 1), 1)),
+                  cpus=round(cores / slots, 2) if slots > 1 else None)
+
+
 class Phases:
     """Builds and runs the two phases of a lab's experiments on a backend."""
 
-    def __init__(self, lab: Lab, backend: Backend, image: str) -> None:
+    def __init__(self, lab: Lab, backend: Backend, image: str, slots: int = 1) -> None:
         self.lab, self.backend, self.image = lab, backend, image
+        self.limits = host_share(slots)
 
     # -- layout --------------------------------------------------------------------------------
 
@@ -117,7 +129,7 @@ class Phases:
                     Mount(source=run_dir / "program.toml", target=contract.PROGRAM_TOML), *data_mounts,
                     Mount(source=self.lab.cache_dir(agent), target=contract.CACHE, read_only=False)],
             stdin=val_stream if in_process else [], env=contract.base_env(), output_dir=out,
-            log_path=run_dir / "log.txt", gpu=gpu,
+            log_path=run_dir / "log.txt", gpu=gpu, limits=self.limits,
             deadline_s=program.budget_s + program.grace_s + self.lab.config.startup_allowance_s,
             labels=self._labels(run_id, agent, "train"))
 
@@ -130,7 +142,8 @@ class Phases:
             mounts=[Mount(source=run_dir / "program.toml", target=contract.PROGRAM_TOML),
                     Mount(source=run_dir / "artifact", target=contract.ARTIFACT), *data_mounts],
             stdin=val_stream, env=env, output_dir=run_dir / "score-out", log_path=run_dir / "score-log.txt",
-            gpu=gpu, deadline_s=self.lab.config.score_allowance_s, labels=self._labels(run_id, agent, "score"))
+            gpu=gpu, limits=self.limits, deadline_s=self.lab.config.score_allowance_s,
+            labels=self._labels(run_id, agent, "score"))
 
     # -- the experiment ------------------------------------------------------------------------
 

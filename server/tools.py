@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Literal, ParamSpec, TypeVar
 
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.mcpserver import Context, MCPServer
@@ -22,6 +22,9 @@ from server.models import (
     COMMITTED, BestResults, ExperimentResult, ExperimentState, LogText, PatchResult, ProgramText, ResetResult, RunList,
     RunStarted, RunStatus, TrainFile,
 )
+
+if TYPE_CHECKING:  # server.app imports this module to register the tools
+    from server.app import AppState
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -49,7 +52,7 @@ def client_cancelled(ctx: Context) -> bool:
     return event.is_set() if event is not None else True
 
 
-def state(ctx: Context) -> Any:
+def state(ctx: Context) -> AppState:
     return ctx.request_context.lifespan_context
 
 

@@ -112,3 +112,17 @@ def test_results_rows_use_the_seed_format(tmp_path):
         "f6e5d4c\t0.000000\t0.0\tcrash\tdouble the width",
     ]
     assert read_results(path)[1]["status"] == "crash"
+
+
+def test_each_run_gets_its_share_of_the_host():
+    """Memory under the host's (so the run's own cgroup, not the host's OOM killer, stops a memory
+    hog, and it is recorded `oom`), and with several slots an even share of the cores."""
+    import os  # noqa: PLC0415
+
+    from server.phases import host_share  # noqa: PLC0415
+
+    host_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    one, two = host_share(1), host_share(2)
+    assert one.memory_gb < host_gb and one.memory_gb <= 32 and one.cpus is None
+    assert two.memory_gb == pytest.approx(min(32, round(0.85 * host_gb / 2, 1)))
+    assert two.cpus == pytest.approx(len(os.sched_getaffinity(0)) / 2, abs=0.01)
