@@ -223,5 +223,6 @@ class History:
 
 def _git_message(e: git.GitCommandError) -> str:
     text = str(e.stderr or e.stdout or e).strip().replace("stderr: ", "").strip("'\n ")
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # git's hints are for a person at a shell (--allow-empty, --reject, ...), not for an agent
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("hint:")]
     return "; ".join(lines[:4]) or "git apply failed"

@@ -231,6 +231,8 @@ class Lab:
             )
         if "\x00" in diff or "GIT binary patch" in diff:
             raise InvalidPatchError("binary content is not accepted; train.py is text")
+        if not diff.endswith("\n"):  # every line of a unified diff ends with one; git calls the diff corrupt
+            diff += "\n"
         stats = await self.git(self.history.check_patch, agent, diff)
         size = len(stats.new_text.encode("utf-8"))
         if size > self.config.max_train_bytes:

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Annotated, Literal, ParamSpec, TypeVar
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from sandbox.errors import SandboxError
 
@@ -242,6 +243,22 @@ TOOLS = [read_program, read_train, apply_patch, run_experiment, start_experiment
          list_experiments, get_log, reset_train]
 
 
+def _known_arguments(tool: str):
+    """A before-validator naming an unknown argument and the ones the tool takes, in one sentence
+    (pydantic's own message adds a documentation URL that means nothing to an agent)."""
+    def check(cls, data):
+        if isinstance(data, dict):
+            allowed = [name for name in cls.model_fields if name != "ctx"]
+            unknown = sorted(set(data) - set(allowed))
+            if unknown:
+                takes = ", ".join(allowed) if allowed else "no arguments"
+                raise PydanticCustomError("unknown_argument", "unknown argument {unknown} for {tool}; it takes {takes}",
+                                          {"unknown": ", ".join(map(repr, unknown)), "tool": tool, "takes": takes})
+        return data
+
+    return classmethod(check)
+
+
 def register(mcp: MCPServer) -> None:
     """Add every tool; unknown arguments are rejected, not silently dropped."""
     for fn in TOOLS:
@@ -249,6 +266,7 @@ def register(mcp: MCPServer) -> None:
     for tool in mcp._tool_manager.list_tools():  # noqa: SLF001 - the SDK has no public knob for this
         model = tool.fn_metadata.arg_model
         strict = type(model.__name__, (model,), {"model_config": ConfigDict(extra="forbid", arbitrary_types_allowed=True),
-                                                 "__module__": model.__module__})
+                                                 "__module__": model.__module__,
+                                                 "_known": model_validator(mode="before")(_known_arguments(tool.name))})
         tool.fn_metadata.arg_model = strict
         tool.parameters["additionalProperties"] = False

@@ -148,3 +148,17 @@ async def test_a_run_being_recorded_is_still_in_flight_with_a_status_line(client
         while not (state := (await client.call_tool("get_experiment", {"run_id": run_id})).structured_content)["finished"]:
             await anyio.sleep(0.05)
     assert state["result"]["status"] == "ok" and state["result"]["kept"] and state["progress"] is None
+
+
+async def test_error_text_is_written_for_an_agent(client):
+    """An unknown argument names itself and what the tool takes, with no pydantic URL; a diff without
+    its final newline is accepted (git alone would call it corrupt); git's shell hints are dropped."""
+    bad = await client.call_tool("apply_patch", {"diff": "x", "path": "train.py"})
+    text = bad.content[0].text
+    assert bad.is_error and "unknown argument 'path' for apply_patch; it takes diff" in text, text
+    assert "pydantic.dev" not in text
+    train = (await client.call_tool("read_train", {})).structured_content["text"]
+    ok = await client.call_tool("apply_patch", {"diff": make_diff(train, "LR = ", "LR = 5e-3").rstrip("\n")})
+    assert not ok.is_error, ok.content[0].text
+    stale = await client.call_tool("apply_patch", {"diff": make_diff(train, "LR = ", "LR = 4e-3")})
+    assert stale.is_error and "does not apply" in stale.content[0].text and "hint:" not in stale.content[0].text
