@@ -32,7 +32,6 @@ from server.lab import Lab
 
 logger = log.get("phases")
 
-MODEL_DIR = "model"  # trainer.run writes the export under /out/model
 MAX_ARTIFACT_BYTES = 16e9
 SCORE_TAIL_BYTES = 256 * 1024  # the answer is the scorer's last line; the log is ours (trusted code)
 
@@ -174,7 +173,7 @@ class Phases:
         if program.scoring == "in-process":
             return Attempt(status="ok", val_bpb=train.val_bpb, verified=False, train=train,
                            log_tail=outcome.log_tail, **timing)
-        why = copy_output(spec.output_dir / MODEL_DIR, self.lab.run_dir(run_id) / "artifact",
+        why = copy_output(spec.output_dir / contract.MODEL_DIR, self.lab.run_dir(run_id) / "artifact",
                           contract.ARTIFACT_FILES, int(MAX_ARTIFACT_BYTES))
         if why:
             return Attempt(status="unscorable", reason=f"the train phase's export is unusable: {why}", train=train,

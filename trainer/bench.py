@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.config import load_program
-from trainer.contract import parse_score_output
+from trainer.contract import MODEL_DIR, parse_score_output
 from trainer.loader import BatchStream, TrainLoader
 from trainer.shards import META_FILE, open_split
 
@@ -133,17 +133,17 @@ def harness_run(program: Path, train: Path, data: Path, out: Path, cache: Path) 
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     in_process = load_program(program).scoring == "in-process"
     t0 = time.monotonic()
-    with open(out.with_suffix(".log"), "w") as log, val_stream(data, out) as stdin:
+    with open(out.with_suffix(".log"), "w") as log, \
+            (val_stream(data, out) if in_process else open(os.devnull, "rb")) as stdin:
         subprocess.run([sys.executable, "-m", "trainer.run", "--program", str(program), "--train",
                         str(train), "--data", str(data), "--out", str(out), *(["--val-stdin"] if in_process else [])],
-                       env=env, stdin=stdin if in_process else subprocess.DEVNULL, stdout=log,
-                       stderr=subprocess.STDOUT, check=False)
+                       env=env, stdin=stdin, stdout=log, stderr=subprocess.STDOUT, check=False)
     result = json.loads((out / "result.json").read_text())
     result["train_wall_seconds"] = round(time.monotonic() - t0, 2)
     if result["status"] == "ok" and not in_process:  # the score phase, as the host runs it: a second process, trusted code
         t1 = time.monotonic()
         scored = subprocess.run([sys.executable, "-m", "trainer.score", "--program", str(program), "--artifact",
-                                 str(out / "model"), "--data", str(data)], env=env, capture_output=True, text=True)
+                                 str(out / MODEL_DIR), "--data", str(data)], env=env, capture_output=True, text=True)
         with open(out.with_suffix(".log"), "a") as log:
             log.write(scored.stdout + scored.stderr)
         score = parse_score_output(scored.stdout)

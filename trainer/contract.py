@@ -25,6 +25,7 @@ DATA = "/data"
 OUT = "/out"
 CACHE = "/cache"  # the agent's compile cache (train phase only)
 ARTIFACT = "/artifact"  # the score phase's read-only copy of the train phase's export
+MODEL_DIR = "model"  # the train phase writes its export to /out/model
 ARTIFACT_FILES = ("model.json", "weights.safetensors")  # the export: graph (JSON), tensors (no pickle)
 VAL_FILES = ("val.bin", "val.idx.npy")  # the validation split: streamed on stdin, never mounted
 RESULT_FILE = "result.json"
@@ -138,6 +139,6 @@ def parse_score_output(text: str) -> ScoreResult:
     raise ContractError("the scorer printed no answer line")
 
 
-__all__ = ["ARTIFACT", "ARTIFACT_FILES", "CACHE", "DATA", "IN_PROCESS_ARGV", "OUT", "PROGRAM_TOML", "RESULT_FILE",
+__all__ = ["ARTIFACT", "ARTIFACT_FILES", "CACHE", "DATA", "IN_PROCESS_ARGV", "MODEL_DIR", "OUT", "PROGRAM_TOML", "RESULT_FILE",
            "SCORE_ARGV", "SCORE_MARKER", "TRAIN_ARGV", "TRAIN_PY", "VAL_FILES", "ContractError", "ScoreResult",
            "TrainResult", "base_env", "parse_score_output", "parse_train_result"]

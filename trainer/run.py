@@ -27,12 +27,9 @@ from pathlib import Path
 
 from trainer import api
 from trainer.config import ProgramConfig, ProgramConfigError, load_program
-from trainer.contract import RESULT_FILE, TrainResult
+from trainer.contract import MODEL_DIR, RESULT_FILE, TrainResult
 
 TRACEBACK_CHARS = 4000
-
-
-MODEL_DIR = "model"  # under --out: the exported model the score phase loads
 
 
 class Crash(Exception):

@@ -47,38 +47,42 @@ def test_the_same_weights_score_the_same_sealed_and_in_process(tmp_path, tiny_da
     assert sealed["val_bpb"] == pytest.approx(in_process, abs=1e-6)
 
 
-def test_a_model_with_data_dependent_control_flow_is_unscorable_with_a_hint(tmp_path, tiny_data):
+LOOP = mini("""
+        if not trainer.step(loss):
+            break
+    """)
+
+
+def wrapped_run(tmp_path, tiny_data, wrapper: str, head: str = "") -> tuple[dict, object]:
+    """The harness on MINI's model, submitted inside `wrapper` (class Wrapped(inner)); (result, program)."""
     from trainer import run as harness  # noqa: PLC0415
 
     program = derive_program(TINY_TOML, tmp_path / "program.toml", budget_s=1, untimed_steps=1)
     train = tmp_path / "train.py"
-    train.write_text(mini("""
-        if not trainer.step(loss):
-            break
-    """) + """
-class Branchy(torch.nn.Module):
+    train.write_text(head + LOOP + f"""
+class Wrapped(torch.nn.Module):
     def __init__(self, inner):
         super().__init__()
         self.inner = inner
 
     def forward(self, x):
-        logits = self.inner(x)
-        return logits if logits.sum() > 0 else -logits  # a Python branch on a tensor's value
+        {wrapper}
 
-trainer.submit(Branchy(model))
+trainer.submit(Wrapped(model))
 """)
-    result = harness.execute(program, train, tiny_data, tmp_path / "out")
+    return harness.execute(program, train, tiny_data, tmp_path / "out"), program
+
+
+def test_a_model_with_data_dependent_control_flow_is_unscorable_with_a_hint(tmp_path, tiny_data):
+    result, _ = wrapped_run(tmp_path, tiny_data, "logits = self.inner(x)\n        "
+                            "return logits if logits.sum() > 0 else -logits  # a Python branch on a tensor's value")
     assert result["status"] == "unscorable" and "torch.export failed" in result["reason"]
     assert "no Python branches on tensor values" in result["reason"]  # the hint says what to change
     assert result["traceback_tail"] and not (tmp_path / "out" / "model").exists()
 
 
 def test_an_op_of_train_pys_own_is_unscorable_naming_it(tmp_path, tiny_data):
-    from trainer import run as harness  # noqa: PLC0415
-
-    program = derive_program(TINY_TOML, tmp_path / "program.toml", budget_s=1, untimed_steps=1)
-    train = tmp_path / "train.py"
-    train.write_text("""
+    result, program = wrapped_run(tmp_path, tiny_data, "return twice(self.inner(x))", head="""
 import torch
 
 @torch.library.custom_op("mine::twice", mutates_args=())
@@ -86,21 +90,7 @@ def twice(x: torch.Tensor) -> torch.Tensor:
     return x * 2
 
 twice.register_fake(lambda x: torch.empty_like(x))
-""" + mini("""
-        if not trainer.step(loss):
-            break
-    """) + """
-class Doubled(torch.nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        return twice(self.inner(x))
-
-trainer.submit(Doubled(model))
 """)
-    result = harness.execute(program, train, tiny_data, tmp_path / "out")
     assert result["status"] == "ok"  # it exports: the op is named in the graph
     scores = score_export(tmp_path / "out", program, tiny_data)
     assert scores["status"] == "unscorable" and "mine.twice.default" in scores["reason"]

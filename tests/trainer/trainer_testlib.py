@@ -73,9 +73,10 @@ RESULT_KEYS = {"status", "reason", "training_seconds", "total_seconds", "startup
 def score_export(out: Path, program: Path, data: Path) -> dict:
     """The score phase on a train phase's export (trusted code, in this process: our own models only;
     hostile artifacts are scored in containers, tests/server/test_server_sealed.py)."""
+    from trainer.contract import MODEL_DIR
     from trainer.score import score
 
-    return score(program, out / "model", data, val_stdin=False).model_dump()
+    return score(program, out / MODEL_DIR, data, val_stdin=False).model_dump()
 
 MINI = """
 import torch
