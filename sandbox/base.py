@@ -18,6 +18,24 @@ T = TypeVar("T")
 ProgressCallback = Callable[[dict], None]
 
 
+def oom_kills() -> int:
+    """The kernel's count of processes its OOM killer ended since boot, whichever cgroup asked
+    (/proc/vmstat `oom_kill`); -1 where it is not readable. A run that died of SIGKILL while this
+    count rose was killed for memory, even when its own cgroup never reached its cap (issue 19)."""
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return -1
+
+
+def oom_since(before: int) -> bool:
+    return before >= 0 and oom_kills() > before
+
+
 class Backend(ABC):
     """Runs experiments. Only infrastructure problems raise; run outcomes are statuses."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import stat
 import threading
@@ -20,7 +21,7 @@ import docker.errors
 import requests.exceptions
 import structlog
 
-from sandbox.base import Backend, ProgressCallback, finish_despite_cancel, in_thread
+from sandbox.base import Backend, ProgressCallback, finish_despite_cancel, in_thread, oom_kills, oom_since
 from sandbox.config import DockerBackendConfig
 from sandbox.errors import ContainerError, EngineUnavailableError, ImageNotFoundError, SpecError
 from sandbox.hardening import (LABEL_DEADLINE, LABEL_OWNER_HOST, LABEL_OWNER_PID, LABEL_OWNER_START,
@@ -154,6 +155,7 @@ class DockerBackend(Backend):
         return container, output
 
     async def _supervise(self, container, spec: RunSpec, t0: float) -> tuple[RunStatus, int | None, str]:
+        ooms = oom_kills()
         exit_fut = in_thread(_wait_exit, container)
         remaining = spec.deadline_s - (time.monotonic() - t0)
         try:
@@ -169,6 +171,11 @@ class DockerBackend(Backend):
         state = await in_thread(_state, container)
         if state.get("OOMKilled"):
             return "oom", code, f"killed by the memory limit ({spec.limits.memory_gb:g} GB)"
+        if code == 128 + signal.SIGKILL and oom_since(ooms):  # the host's OOM killer, not the cgroup's
+            return "oom", code, "killed by the kernel's OOM killer (the host ran short of memory)"
+        if code == 128 + signal.SIGTERM:  # never sent by this backend (it kills); the engine stops containers so
+            return "infra-error", code, ("the container was stopped from outside the run (SIGTERM: the Docker engine "
+                                         "shutting down or restarting, or `docker stop`); start the run again")
         if code == 0:
             return "ok", 0, "exit code 0"
         return "crash", code, f"exit code {code}"
@@ -217,6 +224,9 @@ class DockerBackend(Backend):
 
 # -- blocking helpers (run on worker threads) ------------------------------------------------------
 
+ENGINE_GONE = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+"""docker-py lets transport errors through: the engine stopped, restarted or hung."""
+
 DOCKER_SOCKETS = (Path("/var/run/docker.sock"), Path("/run/docker.sock"))
 
 
@@ -256,7 +266,8 @@ def _wait_exit(container) -> int:
                 continue  # the poll timed out; the container still runs
             failures += 1
             if failures > 3:
-                raise ContainerError(f"waiting for the container failed: {e}") from e
+                raise ContainerError(f"the Docker engine stopped answering during the run (stopped or restarted: "
+                                     f"its containers are gone with it); start the run again: {e}") from e
             time.sleep(0.5)
         except docker.errors.DockerException as e:
             raise ContainerError(f"waiting for the container failed: {e}") from e
@@ -279,7 +290,7 @@ def _pump(output: Iterator[bytes], runlog: CappedLog) -> None:
         runlog.write(chunk)
 
 
-def _kill(container) -> None:
+def _kill_once(container) -> None:
     try:
         container.kill()
     except docker.errors.NotFound:
@@ -287,12 +298,27 @@ def _kill(container) -> None:
     except docker.errors.APIError as e:
         if e.status_code != 409:  # 409: not running any more
             raise ContainerError(f"killing the container failed: {e}") from e
+    except ENGINE_GONE as e:
+        raise ContainerError(f"killing the container failed: the Docker engine is not answering ({e})") from e
+
+
+def _kill(container, tries: int = 5) -> None:
+    """Kill, and again: an engine killing thousands of processes (a fork bomb at its pids cap) may
+    answer "did not receive an exit event" before they are all gone."""
+    for i in range(tries):
+        try:
+            return _kill_once(container)
+        except ContainerError as e:
+            if i == tries - 1:
+                raise
+            log.warning("container_kill_retry", container=container.name, error=str(e))
+            time.sleep(2.0)
 
 
 def _state(container) -> dict:
     try:
         container.reload()
-    except docker.errors.DockerException as e:
+    except (docker.errors.DockerException, *ENGINE_GONE) as e:
         raise ContainerError(f"inspecting the container failed: {e}") from e
     return container.attrs.get("State", {})
 
@@ -305,6 +331,8 @@ def _remove(container) -> None:
     except docker.errors.APIError as e:
         if e.status_code != 409:  # 409: removal already in progress
             log.warning("container_remove_failed", container=container.name, error=str(e))
+    except ENGINE_GONE as e:  # the reaper removes it once the engine is back
+        log.warning("container_remove_failed", container=container.name, error=str(e))
 
 
 async def _quietly(fut) -> None:

@@ -49,7 +49,8 @@ class Lease:
 
     slot: str  # "gpu-0", "cpu-1"
     gpu: str | None  # device id to pass to the backend; None for a CPU slot
-    waited_s: float
+    waited_s: float = 0.0
+    index: int = 0  # the slot's place in the pool (which share of the host's cores it gets)
 
 
 def discover_gpus(timeout_s: float = 15.0) -> list[str]:
@@ -229,6 +230,6 @@ class SlotPool:
             _unlock(ticket_fd)
         fd, slot, gpu = got
         try:
-            yield Lease(slot=slot, gpu=gpu, waited_s=time.monotonic() - t0)
+            yield Lease(slot=slot, gpu=gpu, waited_s=time.monotonic() - t0, index=[s for s, _ in self.slots].index(slot))
         finally:
             _unlock(fd)

@@ -106,6 +106,8 @@ def container_kwargs(
         kwargs["ulimits"].append(Ulimit(name="nofile", soft=lim.nofile, hard=lim.nofile))
     if lim.cpus is not None:
         kwargs["nano_cpus"] = int(lim.cpus * 1e9)
+    if lim.cpuset is not None:
+        kwargs["cpuset_cpus"] = lim.cpuset
     if spec.gpu is not None:
         # device_ids, never count=N: count=1 always means GPU 0, whatever was leased
         kwargs["device_requests"] = [DeviceRequest(device_ids=[spec.gpu], capabilities=[["gpu"]])]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import structlog
 
-from sandbox.base import Backend, ProgressCallback
+from sandbox.base import Backend, ProgressCallback, oom_kills, oom_since
 from sandbox.config import LocalBackendConfig
 from sandbox.errors import SpecError
 from sandbox.models import OUTPUT_TARGET, Reaped, RunOutcome, RunSpec, RunStatus
@@ -166,6 +166,7 @@ class LocalBackend(Backend):
         return make_outcome(spec, runlog, status, code, wall, detail)
 
     async def _supervise(self, proc, spec: RunSpec, t0: float) -> tuple[RunStatus, int | None, str]:
+        ooms = oom_kills()
         rc = await _exited(proc, spec.deadline_s - (time.monotonic() - t0))
         if rc is None:
             _killpg(proc.pid)
@@ -178,8 +179,9 @@ class LocalBackend(Backend):
                 sig = signal.Signals(-rc).name
             except ValueError:
                 sig = f"signal {-rc}"
-            extra = " (out of memory?)" if rc == -signal.SIGKILL else ""
-            return "crash", 128 - rc, f"killed by {sig}{extra}"
+            if rc == -signal.SIGKILL and oom_since(ooms):
+                return "oom", 128 - rc, "killed by the kernel's OOM killer (the host ran short of memory)"
+            return "crash", 128 - rc, f"killed by {sig}"
         return "crash", rc, f"exit code {rc}"
 
 

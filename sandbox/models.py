@@ -66,7 +66,10 @@ class Limits(_Frozen):
     )
     disk_gb: float = Field(default=20.0, gt=0, description="How much the writable folders (/out and "
                            "read-write mounts) may grow during the run; checked every 2 s, then killed.")
-    cpus: float | None = Field(default=None, gt=0, description="CPU cores the run may use; None: no cap.")
+    cpus: float | None = Field(default=None, gt=0, description="CPU time the run may use, in cores (a CFS "
+                               "quota: bursts may still land on every core); None: no cap.")
+    cpuset: str | None = Field(default=None, pattern=r"^\d+(,\d+)*$", description="The host cores the run is "
+                               "pinned to, e.g. '0,1': a neighbour's fork bomb cannot run on them; None: any core.")
     nofile: int | None = Field(default=None, ge=64, description="Open-file limit (RLIMIT_NOFILE); None: the "
                                "engine's default. Must not exceed the engine's own hard limit.")
 

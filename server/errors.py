@@ -31,5 +31,9 @@ class LabStateError(LabError, RuntimeError):
     """The lab folder is missing, half made, or disagrees with itself."""
 
 
+class LedgerUnavailableError(LabStateError):
+    """The ledger cannot be written: another process holds its lock too long, or the disk is full."""
+
+
 class HistoryError(LabError, RuntimeError):
     """A git operation failed in a way the caller did not cause."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,6 +85,11 @@ class Experiments:
                 f"no prepared data in {self.lab.data_dir}; the lab's owner must run "
                 f"`autoresearch-mcp prepare {self.lab.config.program} --lab {self.lab.root}`"
             )
+        free_mb = shutil.disk_usage(self.lab.root).free / 2**20
+        if free_mb < self.lab.config.min_free_mb:
+            raise LabStateError(f"the lab's disk is nearly full ({free_mb:.0f} MB free under {self.lab.root}, "
+                                f"{self.lab.config.min_free_mb} MB needed to record a run); free space there, then "
+                                "start the run again")
         await self.lab.ensure_agent(agent)
         stack = contextlib.ExitStack()
         stack.enter_context(self.lab.agent_lock(agent))
@@ -149,10 +155,9 @@ class Experiments:
             pending.status_line = "running: " + progress_line(p)
 
         async with self.pool.acquire(on_position=on_position, holder=run_id) as lease:
-            gpu = getattr(lease, "gpu", None)
-            self.lab.ledger.mark_running(run_id, gpu)
+            self.lab.ledger.mark_running(run_id, lease.gpu)
             pending.status_line = "running: starting the sandbox"
-            return await self.phases.run(run_id, pending.record.agent, pending.snapshot, gpu, on_status, on_progress)
+            return await self.phases.run(run_id, pending.record.agent, pending.snapshot, lease, on_status, on_progress)
 
     # -- decide, commit, record ----------------------------------------------------------------
 

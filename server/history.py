@@ -9,6 +9,7 @@ against a scratch copy, so a rejected patch never touches the worktree.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +134,8 @@ class History:
             numstat = g.apply("--numstat", "change.diff", env=env)
             summary = g.apply("--summary", "change.diff", env=env)
         except git.GitCommandError as e:
-            raise InvalidPatchError(f"not a unified diff git can read: {_git_message(e)}") from e
+            raise InvalidPatchError(f"not a unified diff git can read ({_git_message(e)}); send a unified diff of "
+                                    "train.py as `git diff` writes it (--- a/train.py, +++ b/train.py, @@ hunks)") from e
         if not numstat.strip():
             raise InvalidPatchError("the diff changes nothing; send a unified diff of train.py")
         added = removed = 0
@@ -209,7 +211,7 @@ class History:
             trailers = {}
             for line in str(c.message).strip().splitlines():
                 key, sep, value = line.partition(": ")
-                if sep and key in ("Run-Id", "Val-BPB", "Status"):
+                if sep and key in ("Run-Id", "Val-BPB", "Status", "Verified"):
                     trailers[key] = value.strip()
             out.append(CommitInfo(c.hexsha, str(c.summary), trailers))
         return out
@@ -224,5 +226,6 @@ class History:
 def _git_message(e: git.GitCommandError) -> str:
     text = str(e.stderr or e.stdout or e).strip().replace("stderr: ", "").strip("'\n ")
     # git's hints are for a person at a shell (--allow-empty, --reject, ...), not for an agent
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("hint:")]
+    lines = [re.sub(r"\s*\(allow with ['\"][^'\"]*['\"]\)", "", ln.strip()).removeprefix("error: ")
+             for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("hint:")]
     return "; ".join(lines[:4]) or "git apply failed"

@@ -3,7 +3,9 @@
 A row is written `queued` before anything runs, moves to `running` when the sandbox slot is granted,
 and is finished exactly once (the UPDATE only matches a live row). Several server processes may
 share one ledger: WAL mode, a busy timeout, and `BEGIN IMMEDIATE` around the read-then-insert that
-allocates run ids.
+allocates run ids. A write waits out another process's lock (a backup, a person with the sqlite3
+shell): a new row for up to START_PATIENCE_S, a run's record for up to RECORD_PATIENCE_S, since a
+finished run must not be lost; then, or on a full disk, it raises LedgerUnavailableError saying so.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 from sandbox.reaper import process_start
 
-from server.errors import NotFoundError
+from server.errors import LedgerUnavailableError, NotFoundError
 from server.models import LIVE_STATUSES, RunRecord
 from server.text import DETAIL_CHARS, printable
 
@@ -60,13 +62,18 @@ FINISH_FIELDS = frozenset(
 )
 
 
+BUSY_S = 5.0  # SQLite's own wait for a lock, per try
+START_PATIENCE_S = 45.0  # a new row: under the spawner's handshake wait (server.supervisor.HANDSHAKE_S)
+RECORD_PATIENCE_S = 900.0  # a run's result
+
+
 class Ledger:
     """SQLite access for one lab. All methods are short and safe to call from the event loop."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        self._db = sqlite3.connect(path, timeout=BUSY_S, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -92,9 +99,30 @@ class Ledger:
 
     # -- writes --------------------------------------------------------------------------------
 
+    def _write(self, patience_s: float, fn):
+        """fn() under the ledger's lock, retried while another process holds SQLite's write lock."""
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                with self._lock:
+                    return fn()
+            except sqlite3.OperationalError as e:
+                text = str(e)
+                if "disk is full" in text or "disk I/O" in text:
+                    raise LedgerUnavailableError(
+                        f"the lab's disk is full: the ledger {self.path} cannot be written ({text}); free space "
+                        "on that disk, then try again (nothing was recorded by this call)") from e
+                if "locked" not in text and "busy" not in text:
+                    raise
+                if time.monotonic() >= deadline:
+                    raise LedgerUnavailableError(
+                        f"the lab's ledger {self.path} has been locked by another process for over "
+                        f"{patience_s:g} s (`fuser {self.path}` names it); try again when it lets go") from e
+
     def create_run(self, agent: str, description: str, base_commit: str | None) -> RunRecord:
         """Insert a `queued` row with the agent's next run id (`<agent>-0001`, ...)."""
-        with self._lock:
+
+        def insert() -> str:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 row = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM runs WHERE agent = ?", (agent,)).fetchone()
@@ -107,16 +135,17 @@ class Ledger:
                 )
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite may have rolled back already (a full disk)
+                    self._db.execute("ROLLBACK")
                 raise
-        return self.get(run_id)
+            return run_id
+
+        return self.get(self._write(START_PATIENCE_S, insert))
 
     def mark_running(self, run_id: str, gpu: str | None) -> None:
-        with self._lock:
-            self._db.execute(
-                "UPDATE runs SET status = 'running', started_at = ?, gpu = ? WHERE run_id = ? AND status = 'queued'",
-                (time.time(), gpu, run_id),
-            )
+        self._write(RECORD_PATIENCE_S, lambda: self._db.execute(
+            "UPDATE runs SET status = 'running', started_at = ?, gpu = ? WHERE run_id = ? AND status = 'queued'",
+            (time.time(), gpu, run_id)))
 
     def finish(self, run_id: str, status: str, **fields: Any) -> bool:
         """Give a live row its final status and fields. False if it was already final (never twice)."""
@@ -127,9 +156,7 @@ class Ledger:
         sql = f"UPDATE runs SET status = ?, finished_at = ?{', ' + sets if sets else ''} WHERE run_id = ? AND status IN ('queued', 'running')"
         values = [status, time.time(), *(int(v) if isinstance(v, bool) else printable(v, DETAIL_CHARS)
                                          if isinstance(v, str) else v for v in fields.values()), run_id]
-        with self._lock:
-            cur = self._db.execute(sql, values)
-        return cur.rowcount == 1
+        return self._write(RECORD_PATIENCE_S, lambda: self._db.execute(sql, values)).rowcount == 1
 
     # -- reads ---------------------------------------------------------------------------------
 

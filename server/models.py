@@ -46,6 +46,9 @@ class LabConfig(BaseModel):
     pool: PoolConfig = Field(default_factory=PoolConfig)
     """The host-wide run slots (one per GPU, or CPU slots): every server on the host must share its
     state_dir so that leases stay exclusive."""
+    memory_gb: float | None = Field(default=None, gt=0)
+    """Each run's memory cap in GB (RAM, no swap); None: the run's share of this host (85 % of its
+    memory over the slots)."""
     startup_allowance_s: float = 180.0
     """Seconds on top of the program's budget_s and grace_s for start-up, compile and export; the sum
     is the train phase's hard deadline, which the host enforces."""
@@ -56,6 +59,9 @@ class LabConfig(BaseModel):
     agent's recent runs by more than this fraction of the budget is refused as invalid."""
     min_time_slack_s: float = 5.0
     """...but never by less than this many seconds (container start-up jitters)."""
+    min_free_mb: int = Field(default=100, ge=0)
+    """A run is refused while the lab's disk has less free space than this: its record, commit and
+    logs need room, and a run that cannot be recorded is lost."""
     max_patch_bytes: int = 100_000
     """Largest diff apply_patch accepts."""
     max_train_bytes: int = 400_000

@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 from sandbox.base import Backend
+from sandbox.gpus import Lease
 from sandbox.models import Limits, Mount, RunOutcome, RunSpec
 from sandbox.runio import copy_output, read_output, read_tail_bytes
 from trainer import contract
@@ -78,22 +79,33 @@ def time_reference(lab: Lab, agent: str, budget_s: float, recent: int = 5) -> Ti
     return None
 
 
-def host_share(slots: int) -> Limits:
-    """Each run's share of this host: memory under what the host has (else the host's OOM killer,
-    not the run's cgroup, ends a memory hog: a `crash`, not an `oom`), and with several slots an even
-    share of the cores, so that one run's fork bomb or thread storm cannot starve its neighbours."""
+def host_share(slots: int, index: int = 0) -> Limits:
+    """Slot `index`'s share of this host: memory under what the host has (else the host's OOM
+    killer, not the run's cgroup, ends a memory hog: a `crash`, not an `oom`), and with several slots
+    cores of its own (a cpuset), so that one run's fork bomb or thread storm cannot take a
+    neighbour's cores; a quota of cores when there are more slots than cores."""
     host_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    cores = len(os.sched_getaffinity(0))
-    return Limits(memory_gb=min(Limits().memory_gb, round(0.85 * host_gb / max(slots, 1), 1)),
-                  cpus=round(cores / slots, 2) if slots > 1 else None)
+    memory_gb = min(Limits().memory_gb, round(0.85 * host_gb / max(slots, 1), 1))
+    cores = sorted(os.sched_getaffinity(0))
+    if slots <= 1:
+        return Limits(memory_gb=memory_gb)
+    if len(cores) < slots:
+        return Limits(memory_gb=memory_gb, cpus=round(len(cores) / slots, 2))
+    per = len(cores) // slots
+    return Limits(memory_gb=memory_gb, cpuset=",".join(map(str, cores[index * per:(index + 1) * per])))
 
 
 class Phases:
     """Builds and runs the two phases of a lab's experiments on a backend."""
 
     def __init__(self, lab: Lab, backend: Backend, image: str, slots: int = 1) -> None:
-        self.lab, self.backend, self.image = lab, backend, image
-        self.limits = host_share(slots)
+        self.lab, self.backend, self.image, self.slots = lab, backend, image, slots
+
+    def limits(self, lease: Lease) -> Limits:
+        limits = host_share(self.slots, lease.index)
+        if self.lab.config.memory_gb is not None:
+            limits = limits.model_copy(update={"memory_gb": self.lab.config.memory_gb})
+        return limits
 
     # -- layout --------------------------------------------------------------------------------
 
@@ -112,7 +124,7 @@ class Phases:
         return {"autoresearch.agent": agent, "autoresearch.lab": str(self.lab.root),
                 "autoresearch.run-id": run_id, "autoresearch.phase": phase}
 
-    def train_spec(self, run_id: str, agent: str, snapshot: str, gpu: str | None) -> RunSpec:
+    def train_spec(self, run_id: str, agent: str, snapshot: str, lease: Lease) -> RunSpec:
         run_dir = self.lab.run_dir(run_id)
         out = run_dir / "out"
         out.mkdir(parents=True, exist_ok=True)
@@ -128,11 +140,11 @@ class Phases:
                     Mount(source=run_dir / "program.toml", target=contract.PROGRAM_TOML), *data_mounts,
                     Mount(source=self.lab.cache_dir(agent), target=contract.CACHE, read_only=False)],
             stdin=val_stream if in_process else [], env=contract.base_env(), output_dir=out,
-            log_path=run_dir / "log.txt", gpu=gpu, limits=self.limits,
+            log_path=run_dir / "log.txt", gpu=lease.gpu, limits=self.limits(lease),
             deadline_s=program.budget_s + program.grace_s + self.lab.config.startup_allowance_s,
             labels=self._labels(run_id, agent, "train"))
 
-    def score_spec(self, run_id: str, agent: str, gpu: str | None) -> RunSpec:
+    def score_spec(self, run_id: str, agent: str, lease: Lease) -> RunSpec:
         run_dir = self.lab.run_dir(run_id)
         data_mounts, val_stream = self._data(run_dir)
         env = {k: v for k, v in contract.base_env().items() if not v.startswith(contract.CACHE)}
@@ -141,12 +153,12 @@ class Phases:
             mounts=[Mount(source=run_dir / "program.toml", target=contract.PROGRAM_TOML),
                     Mount(source=run_dir / "artifact", target=contract.ARTIFACT), *data_mounts],
             stdin=val_stream, env=env, output_dir=run_dir / "score-out", log_path=run_dir / "score-log.txt",
-            gpu=gpu, limits=self.limits, deadline_s=self.lab.config.score_allowance_s,
+            gpu=lease.gpu, limits=self.limits(lease), deadline_s=self.lab.config.score_allowance_s,
             labels=self._labels(run_id, agent, "score"))
 
     # -- the experiment ------------------------------------------------------------------------
 
-    async def run(self, run_id: str, agent: str, snapshot: str, gpu: str | None,
+    async def run(self, run_id: str, agent: str, snapshot: str, lease: Lease,
                   on_status: Callable[[str], None], on_progress: Callable[[dict[str, Any]], None]) -> Attempt:
         program = self.lab.program()
         reference = time_reference(self.lab, agent, program.budget_s)
@@ -157,8 +169,9 @@ class Phases:
                 clock.append(time.monotonic())
             on_progress(p)
 
-        spec = self.train_spec(run_id, agent, snapshot, gpu)
-        logger.info("train_phase_started", run_id=run_id, gpu=gpu, deadline_s=spec.deadline_s)
+        spec = self.train_spec(run_id, agent, snapshot, lease)
+        logger.info("train_phase_started", run_id=run_id, gpu=lease.gpu, cores=spec.limits.cpuset,
+                    deadline_s=spec.deadline_s)
         t0 = time.monotonic()
         outcome = await self.backend.run(spec, progress)
         timing = dict(train_phase_s=round(time.monotonic() - t0, 3),
@@ -179,7 +192,7 @@ class Phases:
             return Attempt(status="unscorable", reason=f"the train phase's export is unusable: {why}", train=train,
                            log_tail=outcome.log_tail, **timing)
         on_status("scoring: the exported model, in a separate container")
-        score_spec = self.score_spec(run_id, agent, gpu)
+        score_spec = self.score_spec(run_id, agent, lease)
         t1 = time.monotonic()
         scored = await self.backend.run(score_spec)
         timing["score_phase_s"] = round(time.monotonic() - t1, 3)

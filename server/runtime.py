@@ -60,6 +60,9 @@ async def finish_orphan(lab: Lab, rec: RunRecord, note: str) -> bool:
     True when it was marked interrupted here."""
     if await lab.git(_finish_from_commit, lab, rec):
         return False
+    log_file = lab.root / "logs" / f"supervisor-{rec.run_id}.log"
+    if log_file.exists():
+        note += f" (its log: {log_file})"
     if lab.ledger.finish(rec.run_id, "interrupted", detail=note):
         logger.warning("run_interrupted", run_id=rec.run_id, agent=rec.agent)
         return True

@@ -13,6 +13,7 @@ written, then nothing more; its own log goes to stderr (the spawner points it at
 from __future__ import annotations
 
 import argparse
+import contextlib
 import asyncio
 import json
 import os
@@ -150,6 +151,8 @@ async def spawn(lab_dir: Path, agent: str, description: str) -> str:
     except ValueError:
         raise LabStateError(f"the run's supervisor failed to start; see its log in {logs}") from None
     if "run_id" in message:
+        with contextlib.suppress(OSError):  # the supervisor keeps writing it under its new name
+            os.replace(errlog.name, logs / f"supervisor-{message['run_id']}.log")
         return message["run_id"]
     text = message.get("error", "the run's supervisor failed")
     if message.get("kind") == "SandboxError":

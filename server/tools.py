@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Annotated, Literal, ParamSpec, TypeVar
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from pydantic import ConfigDict, Field, model_validator
+from mcp.server.mcpserver.utilities.func_metadata import FuncMetadata
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from sandbox.errors import SandboxError
@@ -63,6 +64,8 @@ def lab_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        if INVALID in kwargs:  # the arguments failed validation: AgentArguments put the sentence here
+            raise ToolError(str(kwargs[INVALID]))
         try:
             return await fn(*args, **kwargs)
         except LabError as e:
@@ -243,6 +246,41 @@ TOOLS = [read_program, read_train, apply_patch, run_experiment, start_experiment
          list_experiments, get_log, reset_train]
 
 
+INVALID = "__invalid_arguments__"
+
+
+class AgentArguments(FuncMetadata):
+    """The SDK's argument validation, but a failure becomes one sentence the tool raises (as our own
+    errors are raised), not pydantic's report with its input dump and documentation URL."""
+
+    tool_name: str = ""
+
+    def validate_arguments(self, arguments_to_validate: dict) -> dict:
+        try:
+            return super().validate_arguments(arguments_to_validate)
+        except ValidationError as e:
+            return {INVALID: self.sentence(e)}
+
+    def sentence(self, e: ValidationError) -> str:
+        fields = self.arg_model.model_fields
+        parts = []
+        for err in e.errors(include_url=False):
+            name = ".".join(str(p) for p in err["loc"]) or "arguments"
+            if err["type"] == "unknown_argument":
+                parts.append(err["msg"])
+                continue
+            field = fields.get(str(err["loc"][0])) if err["loc"] else None
+            about = f" ({field.description.rstrip('.')})" if field is not None and field.description else ""
+            if err["type"] == "missing":
+                parts.append(f"{self.tool_name} needs the argument {name!r}{about}")
+            else:
+                got = repr(err.get("input"))
+                got = got if len(got) <= 60 else got[:57] + "..."
+                parts.append(f"argument {name!r} of {self.tool_name}: {err['msg'][:1].lower()}{err['msg'][1:]}, "
+                             f"got {got}{about}")
+        return "; ".join(parts) + "; call it again with that fixed"
+
+
 def _known_arguments(tool: str):
     """A before-validator naming an unknown argument and the ones the tool takes, in one sentence
     (pydantic's own message adds a documentation URL that means nothing to an agent)."""
@@ -268,5 +306,6 @@ def register(mcp: MCPServer) -> None:
         strict = type(model.__name__, (model,), {"model_config": ConfigDict(extra="forbid", arbitrary_types_allowed=True),
                                                  "__module__": model.__module__,
                                                  "_known": model_validator(mode="before")(_known_arguments(tool.name))})
-        tool.fn_metadata.arg_model = strict
+        tool.fn_metadata = AgentArguments.model_construct(**{**dict(tool.fn_metadata), "arg_model": strict},
+                                                         tool_name=tool.name)
         tool.parameters["additionalProperties"] = False

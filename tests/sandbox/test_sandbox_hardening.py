@@ -103,5 +103,9 @@ def test_gpu_uuid_is_accepted_and_nonsense_is_not():
 
 def test_optional_cpu_and_nofile_limits():
     kw = container_kwargs(spec(limits=Limits(cpus=2.5, nofile=4096)), user="1:1", owner=OWNER, deadline_unix=0)
-    assert kw["nano_cpus"] == 2_500_000_000
+    assert kw["nano_cpus"] == 2_500_000_000 and "cpuset_cpus" not in kw
+    pinned = container_kwargs(spec(limits=Limits(cpuset="2,3")), user="1:1", owner=OWNER, deadline_unix=0)
+    assert pinned["cpuset_cpus"] == "2,3" and "nano_cpus" not in pinned
+    with pytest.raises(ValidationError, match="cpuset"):
+        Limits(cpuset="0-3; rm")
     assert Ulimit(name="nofile", soft=4096, hard=4096) in kw["ulimits"]

@@ -243,3 +243,48 @@ async def test_file_mounts_make_their_folder(backend, make_spec, tmp_path):
     outcome = await backend.run(spec)
     assert outcome.status == "ok", (outcome.detail, outcome.log_tail)
     assert result_of(outcome) == {"names": ["meta.json", "train.bin"], "train": "train.bin"}
+
+
+def memory_cgroup(tmp_name: str, limit_bytes: int):
+    """A memory cgroup of this test's own (v2 with the memory controller, else v1), or None."""
+    from pathlib import Path  # noqa: PLC0415
+
+    v2 = Path("/sys/fs/cgroup")
+    controllers = v2 / "cgroup.controllers"
+    if controllers.exists() and "memory" in controllers.read_text().split():
+        group = v2 / tmp_name
+        group.mkdir()
+        (group / "memory.max").write_text(str(limit_bytes))
+        (group / "memory.swap.max").write_text("0")
+        return group, group / "cgroup.procs"
+    v1 = Path("/sys/fs/cgroup/memory")
+    if (v1 / "tasks").exists():
+        group = v1 / tmp_name
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(limit_bytes))
+        return group, group / "tasks"
+    return None
+
+
+async def test_a_sigkill_from_the_kernels_oom_killer_is_an_oom_however_it_came(local_backend, make_spec):
+    """Not only the run's own cap: a run the kernel's OOM killer ends (here through a memory cgroup
+    the test made, as the host's own OOM killer would) is `oom`; a plain SIGKILL stays a crash."""
+    import os  # noqa: PLC0415
+
+    made = memory_cgroup(f"autoresearch-test-{os.getpid()}", 64 << 20)
+    assert made is not None, "no writable memory cgroup on this host (the test runs as root)"
+    group, procs = made
+    try:
+        hog = make_spec(f"""
+            import os
+            open({str(procs)!r}, "w").write(str(os.getpid()))
+            hog = [bytearray(1 << 20) for _ in range(512)]
+        """)
+        outcome = await local_backend.run(hog)
+        assert (outcome.status, outcome.exit_code) == ("oom", 137), outcome
+        assert "OOM killer" in outcome.detail
+        killed = make_spec("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+        outcome = await local_backend.run(killed)
+        assert (outcome.status, outcome.detail) == ("crash", "killed by SIGKILL"), outcome
+    finally:
+        group.rmdir()

@@ -24,25 +24,9 @@ def make_diff(text: str, old: str, new: str, path: str = "train.py") -> str:
 
 def lab_state(root: Path, agents: tuple[str, ...] = ("alice",)) -> dict:
     """Everything a tool call could change: git refs, worktree files, ledger rows, results, run folders."""
-    import git  # noqa: PLC0415
+    from server.bench.state import lab_state as state  # noqa: PLC0415
 
-    repo = git.Repo(root / "repo")
-    lab = Lab(root)
-    try:
-        rows = [r.model_dump() for r in lab.ledger.runs()]
-    finally:
-        lab.close()
-    state = {
-        "refs": sorted(repo.git.for_each_ref("--format=%(refname) %(objectname)").splitlines()),
-        "ledger": rows,
-        "results": sorted(p.name + ":" + p.read_text() for p in (root / "results").glob("*.tsv")),
-        "runs": sorted(p.name for p in (root / "runs").iterdir()),
-    }
-    for agent in agents:
-        wt = root / "worktrees" / agent
-        state[f"train:{agent}"] = (wt / "train.py").read_text() if wt.exists() else None
-        state[f"status:{agent}"] = git.Repo(wt).git.status("--porcelain") if wt.exists() else None
-    return state
+    return state(root, agents)
 
 
 def stdio_params(root: Path, agent: str):

@@ -116,13 +116,18 @@ def test_results_rows_use_the_seed_format(tmp_path):
 
 def test_each_run_gets_its_share_of_the_host():
     """Memory under the host's (so the run's own cgroup, not the host's OOM killer, stops a memory
-    hog, and it is recorded `oom`), and with several slots an even share of the cores."""
+    hog, and it is recorded `oom`), and with several slots cores of its own (a quota when there are
+    more slots than cores)."""
     import os  # noqa: PLC0415
 
     from server.phases import host_share  # noqa: PLC0415
 
     host_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    one, two = host_share(1), host_share(2)
-    assert one.memory_gb < host_gb and one.memory_gb <= 32 and one.cpus is None
-    assert two.memory_gb == pytest.approx(min(32, round(0.85 * host_gb / 2, 1)))
-    assert two.cpus == pytest.approx(len(os.sched_getaffinity(0)) / 2, abs=0.01)
+    cores = sorted(os.sched_getaffinity(0))
+    one, first, second = host_share(1), host_share(2, 0), host_share(2, 1)
+    assert one.memory_gb < host_gb and one.memory_gb <= 32 and (one.cpus, one.cpuset) == (None, None)
+    assert first.memory_gb == pytest.approx(min(32, round(0.85 * host_gb / 2, 1)))
+    half = len(cores) // 2
+    assert first.cpuset == ",".join(map(str, cores[:half])) and second.cpuset == ",".join(map(str, cores[half:2 * half]))
+    crowded = host_share(len(cores) + 1, 0)
+    assert crowded.cpuset is None and crowded.cpus == pytest.approx(len(cores) / (len(cores) + 1), abs=0.01)

@@ -9,6 +9,7 @@ import sqlite3
 import pytest
 
 from server.lab import Lab, read_results
+from server.reconcile import reconcile
 from server.runtime import make_runtime, recover
 
 pytestmark = pytest.mark.anyio
@@ -66,3 +67,41 @@ async def test_committed_runs_are_finished_from_their_commit(lab):
         (kept[:7], "keep", "2.500000"), (dropped[:7], "discard", "2.700000")]
     assert await recover(lab, backend) == []  # a second start records nothing twice
     assert len(read_results(lab.results_path("alice"))) == 2
+    assert reconcile(lab) == []  # ledger, git and results.tsv tell one story
+
+
+async def test_the_reconciler_finds_each_disagreement(lab):
+    backend, _ = make_runtime(lab)
+    kept_run = orphan_run(lab, "alice", "baseline")
+    kept = commit(lab, "alice", kept_run, "keep", "2.500000", reset_done=True)
+    dropped_run = orphan_run(lab, "alice", "worse")
+    commit(lab, "alice", dropped_run, "discard", "2.700000", reset_done=True)
+    await recover(lab, backend)
+    assert reconcile(lab) == []
+    live = orphan_run(lab, "alice", "still going")
+    assert [str(f) for f in reconcile(lab)] == [f"{live}: still running in the ledger"]
+    assert reconcile(lab, allow_live=True) == []
+    lab.ledger.finish(live, "crash", detail="x")
+
+    def found(*words: str) -> bool:
+        return any(all(w in str(f) for w in words) for f in reconcile(lab))
+
+    tsv = lab.results_path("alice")
+    rows = tsv.read_text()
+    tsv.write_text(rows + rows.splitlines()[1] + "\n")  # a row written twice
+    assert found(kept_run, "2 results.tsv rows")
+    tsv.write_text("\n".join(rows.splitlines()[:1] + rows.splitlines()[2:]) + "\n")  # a row lost
+    assert found(kept_run, "0 results.tsv rows")
+    tsv.write_text(rows)
+    repo = lab.history.repo
+    repo.git.update_ref("-d", f"refs/autoresearch/attempts/{dropped_run}")
+    assert found(dropped_run, "no attempt ref")
+    repo.git.update_ref(f"refs/autoresearch/attempts/{dropped_run}", kept)
+    assert found(dropped_run, "Run-Id trailer") and found(dropped_run, "attempt ref")
+    repo.git.update_ref(f"refs/autoresearch/attempts/alice-0099", kept)
+    assert found("alice-0099", "no such run")
+    repo.git.update_ref("-d", "refs/autoresearch/attempts/alice-0099")
+    with sqlite3.connect(lab.root / "ledger.sqlite") as db:
+        db.execute("UPDATE runs SET kept = 0, decision = 'discard' WHERE run_id = ?", (kept_run,))
+    assert found(kept_run, "still on the branch") and found(kept_run, "decision")
+    assert not any(f.run_id == live for f in reconcile(lab))  # a crash without a commit has nothing to agree on

@@ -14,6 +14,8 @@ import torch
 from mcp import Client
 from server_helpers import ledger_rows, open_dir
 
+from sandbox.gpus import Lease
+
 from server.app import build_server
 from server.lab import Lab
 from server.phases import Phases
@@ -247,7 +249,7 @@ async def test_a_hostile_artifact_is_refused_and_runs_nothing(make_lab, tiny_dat
         genuine_export(run_dir / "artifact", program.vocab_size, program.seq_len, program.eval_batch_size)
         spoil(run_dir / "artifact")
         open_dir(run_dir)
-        spec = Phases(lab, backend, lab.config.backend.image).score_spec("alice-0001", "alice", None)
+        spec = Phases(lab, backend, lab.config.backend.image).score_spec("alice-0001", "alice", Lease("cpu-0", None))
         outcome = await backend.run(spec)
         answer = parse_score_output(spec.log_path.read_text())
         assert outcome.status == "ok" and answer.status == "invalid" and answer.val_bpb is None, answer

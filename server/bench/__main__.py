@@ -1,0 +1,81 @@
+"""`python -m server.bench reliability [--small]`: the reliability suite of issue 19, with figures.
+
+  load    N agents (N server processes over stdio) x S slots x R runs of a trivial program
+  faults  kill -9 of a server and of a supervisor mid-run, dockerd restarted mid-run, a full disk,
+          a container OOM, a locked ledger (docker backend)
+  fuzz    hypothesis-generated arguments for every tool, diffs above all
+
+Prints one JSON object per part and a summary; exits 1 when any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+# small: CI. One pair of runs beside a fork bomb on a busy 2-core host is noisy, hence its looser bound.
+SIZES = {"small": dict(agents=2, slots=2, runs=4, cases=300, max_slowdown=0.25),
+         "full": dict(agents=8, slots=2, runs=100, cases=10_000, max_slowdown=0.10)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m server.bench", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("reliability", help="load, faults and fuzzing, with figures")
+    p.add_argument("--size", choices=sorted(SIZES), default="full")
+    p.add_argument("--parts", default="load,faults,fuzz", help="comma-separated: load, faults, fuzz")
+    for name in ("agents", "slots", "runs", "cases"):
+        p.add_argument(f"--{name}", type=int, help=f"override the size's {name}")
+    p.add_argument("--faults", help="comma-separated fault names to stage (default: all)")
+    p.add_argument("--image", default="autoresearch-sandbox:cpu", help="the sandbox image of the docker faults")
+    p.add_argument("--work", type=Path, help="keep the labs here (default: a temporary folder, removed)")
+    args = ap.parse_args(argv)
+
+    from server import log  # noqa: PLC0415
+
+    log.configure()
+    size = {k: getattr(args, k, None) or v for k, v in SIZES[args.size].items()}
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    with tempfile.TemporaryDirectory(prefix="autoresearch-bench-") as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        work.chmod(0o755)
+        only = set(args.faults.split(",")) if args.faults else None
+        reports = asyncio.run(_run(parts, work, size, args.image, only))
+    failed = [f"{r['part']}: {name}" for r in reports for name, ok in r["checks"].items() if not ok]
+    print(json.dumps({"summary": "ok" if not failed else "FAILED", "failed": failed}))
+    return 1 if failed else 0
+
+
+async def _run(parts: list[str], work: Path, size: dict, image: str, only: set[str] | None) -> list[dict]:
+    from server.bench.common import prepare_data, write_program  # noqa: PLC0415
+
+    program = write_program(work / "program", budget_s=0.3)
+    data = prepare_data(program, work / "data")
+    reports = []
+    for part in parts:
+        if part == "load":
+            from server.bench.load import run_load  # noqa: PLC0415
+
+            report = await run_load(work, program, data, size["agents"], size["slots"], size["runs"])
+        elif part == "faults":
+            from server.bench.faults import run_faults  # noqa: PLC0415
+
+            report = await run_faults(work, data, image, only, size["max_slowdown"])
+        elif part == "fuzz":
+            from server.bench.fuzz import run_fuzz  # noqa: PLC0415
+
+            report = await run_fuzz(work, program, data, size["cases"])
+        else:
+            raise SystemExit(f"unknown part {part!r}; the parts are load, faults, fuzz")
+        print(json.dumps(report), flush=True)
+        reports.append(report)
+    return reports
+
+
+if __name__ == "__main__":
+    sys.exit(main())
