@@ -5,6 +5,7 @@ experiment from the shell, and report.
     autoresearch-mcp serve --lab .labs/demo --agent alice      # stdio, for Claude Code
     autoresearch-mcp serve --lab .labs/demo --transport http --tokens tokens.json
     autoresearch-mcp run --lab .labs/demo --agent demo --description baseline
+    autoresearch-mcp calibrate --lab .labs/demo --seeds 3    # the noise a keep must beat
     autoresearch-mcp report --lab .labs/demo
 """
 
@@ -75,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agent", default=os.environ.get("AUTORESEARCH_AGENT", "cli"))
     p.add_argument("--description", required=True)
     p.add_argument("--patch", type=Path, help="apply this unified diff of train.py first")
+
+    p = sub.add_parser("calibrate", help="measure the lab's noise: σ of val_bpb over seeds of the baseline")
+    _lab_arg(p)
+    p.add_argument("--seeds", type=int, default=3, help="how many seeds (default 3)")
 
     p = sub.add_parser("report", help="print results.tsv of each agent and write progress.png")
     _lab_arg(p)

@@ -143,6 +143,28 @@ async def cmd_run(args: argparse.Namespace) -> int:
     return 0 if result.status == "ok" else 1
 
 
+async def cmd_calibrate(args: argparse.Namespace) -> int:
+    from server.lab import Lab  # noqa: PLC0415
+    from server.runs import Runs  # noqa: PLC0415
+
+    lab = Lab(args.lab)
+    try:
+        async def report(elapsed: float, line: str) -> None:
+            print(f"[{elapsed:6.1f}s] seed {lab.program().seed}: {line}", file=sys.stderr, flush=True)
+
+        runs = Runs(lab)
+        runs.cancel_reason = "cancelled: `autoresearch-mcp calibrate` was stopped"
+        with cancelled_by_signals((signal.SIGTERM, signal.SIGHUP)):
+            calibration = await runs.calibrate(args.seeds, report)
+        noise = lab.noise()
+    finally:
+        lab.close()
+    print(calibration.model_dump_json(indent=2))
+    values = ", ".join(f"{r.val_bpb:.6f} (seed {r.seed})" for r in calibration.runs)
+    print(f"σ = {calibration.sigma:.6f} over {len(calibration.runs)} seeds: {values}\n{noise.rule()}", file=sys.stderr)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from server import report  # noqa: PLC0415
     from server.lab import Lab  # noqa: PLC0415

@@ -22,8 +22,9 @@ from trainer.contract import TrainResult
 
 from server import log
 from server.errors import InvalidArgumentError, LabStateError
-from server.lab import Lab, check_agent, write_results_row
-from server.models import COMMITTED, ExperimentResult, RunRecord
+from server.lab import Lab, check_agent, code_hash, write_results_row
+from server.models import CALIBRATION_AGENT, COMMITTED, ExperimentResult, RunRecord, RunRole
+from server.noise import Judgement, decide
 from server.phases import Attempt, Phases
 from server.text import TAIL_CHARS, printable
 
@@ -62,6 +63,27 @@ class Pending:
     lock: contextlib.ExitStack
     status_line: str = "queued"
     started: float = field(default_factory=time.monotonic)
+    watcher: Pending | None = None
+    """A confirm rerun's candidate: it shows the rerun's progress as its own."""
+    label: str = ""
+
+    def show(self, line: str) -> None:
+        self.status_line = line
+        if self.watcher is not None:
+            self.watcher.show(f"{self.label}: {line}")
+
+
+@dataclass(frozen=True)
+class Decided:
+    """What the keep rule made of a finished run, before it is recorded."""
+
+    decision: str | None
+    keep: bool = False
+    judgement: Judgement | None = None
+    seeds: dict[int, float] = field(default_factory=dict)
+    """The candidate's val_bpb at each seed it was measured at (when confirm reruns decided it)."""
+    confirm_runs: tuple[str, ...] = ()
+    note: str | None = None
 
 
 class Experiments:
@@ -76,10 +98,36 @@ class Experiments:
 
     # -- the two halves of a run -----------------------------------------------------------------
 
-    async def begin(self, agent: str, description: str) -> Pending:
-        """Take the agent's lock, write the ledger row (`queued`) and snapshot train.py."""
-        check_agent(agent)
+    async def begin(self, agent: str, description: str, role: RunRole = "experiment",
+                    seed: int | None = None) -> Pending:
+        """Take the agent's lock, write the ledger row (`queued`) and snapshot train.py. A calibration
+        run (role `calibration`, the lab's own agent) runs the baseline on `main` and takes no lock."""
         description = check_description(description)
+        self._check_ready()
+        seed = self.lab.program().seed if seed is None else seed
+        stack = contextlib.ExitStack()
+        try:
+            if role == "calibration":
+                agent = CALIBRATION_AGENT
+                self.lab.cache_dir(agent).mkdir(parents=True, exist_ok=True)
+                head = await self.lab.git(self.lab.history.main_commit)
+                snapshot = await self.lab.git(self.lab.history.train_at, head)
+            else:
+                check_agent(agent)
+                await self.lab.ensure_agent(agent)
+                stack.enter_context(self.lab.agent_lock(agent))
+                head = await self.lab.git(self.lab.history.head, agent)
+                snapshot = await self.lab.git(self.lab.history.read_train, agent)
+            record = self.lab.ledger.create_run(agent, description, head, seed=seed, code_hash=code_hash(snapshot),
+                                                role=role)
+        except BaseException:
+            stack.close()
+            raise
+        pending = Pending(record, snapshot, stack)
+        logger.info("run_queued", run_id=record.run_id, agent=agent, description=description, seed=seed, role=role)
+        return pending
+
+    def _check_ready(self) -> None:
         if not (self.lab.data_dir / "meta.json").is_file():
             raise LabStateError(
                 f"no prepared data in {self.lab.data_dir}; the lab's owner must run "
@@ -90,19 +138,6 @@ class Experiments:
             raise LabStateError(f"the lab's disk is nearly full ({free_mb:.0f} MB free under {self.lab.root}, "
                                 f"{self.lab.config.min_free_mb} MB needed to record a run); free space there, then "
                                 "start the run again")
-        await self.lab.ensure_agent(agent)
-        stack = contextlib.ExitStack()
-        stack.enter_context(self.lab.agent_lock(agent))
-        try:
-            head = await self.lab.git(self.lab.history.head, agent)
-            snapshot = await self.lab.git(self.lab.history.read_train, agent)
-            record = self.lab.ledger.create_run(agent, description, head)
-        except BaseException:
-            stack.close()
-            raise
-        pending = Pending(record, snapshot, stack)
-        logger.info("run_queued", run_id=record.run_id, agent=agent, description=description)
-        return pending
 
     async def execute(self, pending: Pending) -> ExperimentResult:
         """Run a begun experiment to its recorded end; cancellation records `cancelled` and re-raises.
@@ -117,6 +152,7 @@ class Experiments:
         try:
             try:
                 outcome = await self._run_in_sandbox(pending)
+                decided = await self._decide(pending, outcome)  # confirm reruns: cancellable like the run
             except asyncio.CancelledError:
                 self.lab.ledger.finish(run_id, "cancelled", detail=self.cancel_detail or "cancelled by the client")
                 logger.info("run_cancelled", run_id=run_id)
@@ -126,14 +162,14 @@ class Experiments:
                 self.lab.ledger.finish(run_id, "infra-error", detail=f"{type(e).__name__}: {e}")
                 raise
             # The run is over: a cancellation now must not leave a half-recorded run behind.
-            pending.status_line = f"finishing: recording the {outcome.status} result"
-            return await finish_despite_cancel(asyncio.ensure_future(self._record_or_fail(pending, outcome)))
+            pending.show(f"finishing: recording the {outcome.status} result")
+            return await finish_despite_cancel(asyncio.ensure_future(self._record_or_fail(pending, outcome, decided)))
         finally:
             pending.lock.close()
 
-    async def _record_or_fail(self, pending: Pending, outcome: Attempt) -> ExperimentResult:
+    async def _record_or_fail(self, pending: Pending, outcome: Attempt, decided: Decided) -> ExperimentResult:
         try:
-            return await self._record(pending, outcome)
+            return await self._record(pending, outcome, decided)
         except Exception as e:
             logger.exception("record_failed", run_id=pending.record.run_id)
             self.lab.ledger.finish(pending.record.run_id, "infra-error",
@@ -146,47 +182,117 @@ class Experiments:
         run_id = pending.record.run_id
 
         def on_position(ahead: int) -> None:
-            pending.status_line = f"queued: waiting for a run slot, {ahead} run(s) ahead"
-
-        def on_status(line: str) -> None:
-            pending.status_line = line
+            pending.show(f"queued: waiting for a run slot, {ahead} run(s) ahead")
 
         def on_progress(p: dict[str, Any]) -> None:
-            pending.status_line = "running: " + progress_line(p)
+            pending.show("running: " + progress_line(p))
 
         async with self.pool.acquire(on_position=on_position, holder=run_id) as lease:
             self.lab.ledger.mark_running(run_id, lease.gpu)
-            pending.status_line = "running: starting the sandbox"
-            return await self.phases.run(run_id, pending.record.agent, pending.snapshot, lease, on_status, on_progress)
+            pending.show("running: starting the sandbox")
+            return await self.phases.run(run_id, pending.record.agent, pending.snapshot, lease, pending.show,
+                                         on_progress, seed=pending.record.seed)
 
     # -- decide, commit, record ----------------------------------------------------------------
 
-    async def _record(self, pending: Pending, attempt: Attempt) -> ExperimentResult:
+    async def _decide(self, pending: Pending, attempt: Attempt) -> Decided:
+        """The keep rule (server.noise) on a finished run; runs its confirm reruns when it asks for them."""
         rec = pending.record
-        status, val = attempt.status, attempt.val_bpb if attempt.status == "ok" else None
-        reason = attempt.reason
-        if status == "ok" and val is None:
-            status, reason = "crash", "the run ended ok but without a val_bpb"
-        delta, keep = self.lab.ledger.judge(rec.agent, val)
-        decision = ("keep" if keep else "discard") if status == "ok" else status if status in COMMITTED else None
+        status, val, _ = outcome_of(attempt)
+        if rec.role != "experiment":
+            return Decided(None)
+        earlier = self.lab.ledger.scores(rec.agent, rec.code_hash, exclude=rec.run_id)
+        if rec.seed in earlier:
+            first = earlier[rec.seed]
+            return Decided("rerun" if status == "ok" else None, note=(
+                f"a rerun: the same train.py at the same seed ({rec.seed}) as {first.run_id} (val_bpb "
+                f"{first.val_bpb:.6f}); recorded, never kept or committed. Change the code to try something new"))
+        if status != "ok" or val is None:
+            return Decided(status if status in COMMITTED else None)
+        noise = self.lab.noise()
+        best = self.lab.ledger.best(rec.agent)
+        best_scores = self._scores_of(best) if best is not None and best.val_bpb is not None else {}
+        confirms: list[str] = []
+        best_code: list[str] = []
+        fresh = list(range(self.lab.program().seed + 1, self.lab.program().seed + 1 + noise.confirm_reruns + 1))
+
+        async def rerun_candidate(seed: int) -> float | None:
+            return await self._confirm(pending, pending.snapshot, seed, rec.run_id, confirms,
+                                       f"confirm rerun at seed {seed}")
+
+        async def rerun_best(seed: int) -> float | None:
+            assert best is not None and best.commit is not None
+            if not best_code:
+                best_code.append(await self.lab.git(self.lab.history.train_at, best.commit))
+            return await self._confirm(pending, best_code[0], seed, best.run_id, confirms,
+                                       f"the best's ({best.run_id}) rerun at seed {seed}")
+
+        verdict, seeds = await decide(val, rec.seed, best_scores, noise, fresh, rerun_candidate, rerun_best)
+        return Decided(verdict.verdict, verdict.verdict == "keep", verdict, seeds=seeds, confirm_runs=tuple(confirms))
+
+    def _scores_of(self, rec: RunRecord) -> dict[int, float]:
+        """A run's val_bpb by seed: its own, and every scored run of its train.py (its confirm reruns)."""
+        scores = {s: r.val_bpb for s, r in self.lab.ledger.scores(rec.agent, rec.code_hash).items()
+                  if r.val_bpb is not None}
+        if rec.val_bpb is not None:
+            scores.setdefault(rec.seed if rec.seed is not None else self.lab.program().seed, rec.val_bpb)
+        return scores
+
+    async def _confirm(self, candidate: Pending, code: str, seed: int, parent: str, made: list[str],
+                       label: str) -> float | None:
+        """One confirm rerun, recorded as a run of its own (role confirm, its parent named, its id added
+        to `made`); its val_bpb when it scored. The candidate's row stays `running` meanwhile and
+        shows the rerun's progress."""
+        rec = candidate.record
+        child = self.lab.ledger.create_run(rec.agent, f"confirm rerun of {parent} at seed {seed}", rec.base_commit,
+                                           seed=seed, code_hash=code_hash(code), role="confirm", parent=parent)
+        made.append(child.run_id)
+        logger.info("confirm_rerun", run_id=child.run_id, parent=parent, seed=seed, candidate=rec.run_id)
+        try:
+            result = await self.execute(Pending(child, code, contextlib.ExitStack(), watcher=candidate,
+                                                label=f"{label} ({child.run_id})"))
+        except Exception:  # noqa: BLE001 — recorded as infra-error by execute; the decision goes on without it
+            return None
+        return result.val_bpb if result.status == "ok" else None
+
+    async def _record(self, pending: Pending, attempt: Attempt, decided: Decided) -> ExperimentResult:
+        rec = pending.record
+        status, val, reason = outcome_of(attempt)
+        j, decision, keep = decided.judgement, decided.decision, decided.keep
         commit = None
-        if decision is not None:
-            trailers = {"Run-Id": rec.run_id, "Val-BPB": f"{val:.6f}" if val is not None else "none", "Status": decision}
+        if decision is not None and decision != "rerun":
+            trailers = {"Run-Id": rec.run_id, "Val-BPB": f"{val:.6f}" if val is not None else "none", "Status": decision,
+                        "Seed": str(rec.seed)}
+            if j is not None and j.delta is not None:
+                trailers["Delta"] = f"{j.delta:.6f}"
+            if j is not None and j.z is not None:
+                trailers["Z"] = f"{j.z:.2f}"
+            if decided.confirm_runs:
+                trailers["Confirm-Runs"] = ", ".join(decided.confirm_runs)
             if status == "ok" and not attempt.verified:
-                trailers["Verified"] = "no (scored in train.py's process)"
+                trailers["Verified"] = "no (scored in train.py's own process)"
             commit = await self.lab.git(self.lab.history.commit_attempt, rec.agent, rec.run_id, pending.snapshot,
                                         rec.description, trailers, keep)
-        fields = dict(decision=decision, val_bpb=val, delta=delta, kept=keep, commit=commit, detail=reason,
-                      verified=attempt.verified if val is not None else None, startup_seconds=attempt.startup_s,
-                      train_phase_seconds=attempt.train_phase_s, score_phase_seconds=attempt.score_phase_s,
-                      **measured_fields(attempt.train))
+        elif decision == "rerun":  # as a discard would: train.py returns to the best
+            await self.lab.git(self.lab.history.restore_train, rec.agent, rec.base_commit)
+        mean = None
+        if len(decided.seeds) > 1:
+            mean = round(sum(decided.seeds.values()) / len(decided.seeds), 6)
+        fields = dict(decision=decision, val_bpb=val, delta=j.delta if j else None, kept=keep, commit=commit,
+                      detail=reason or decided.note, verified=attempt.verified if val is not None else None,
+                      startup_seconds=attempt.startup_s, train_phase_seconds=attempt.train_phase_s,
+                      score_phase_seconds=attempt.score_phase_s, sigma=j.sigma if j else None, z=j.z if j else None,
+                      significant=j.significant if j else None, mean_val_bpb=mean,
+                      seeds_in_mean=len(decided.seeds) if mean is not None else None,
+                      confirm_runs=",".join(decided.confirm_runs) or None, **measured_fields(attempt.train))
         fields["total_seconds"] = fields["total_seconds"] or attempt.train_phase_s
         if not self.lab.ledger.finish(rec.run_id, status, **fields):
             logger.warning("run_already_final", run_id=rec.run_id)
         if commit is not None:
             write_results_row(self.lab.results_path(rec.agent), commit, val, fields["peak_memory_mb"], decision,
-                              rec.description, verified=attempt.verified)
-        logger.info("run_recorded", run_id=rec.run_id, status=status, val_bpb=val, kept=keep, commit=commit)
+                              rec.description, verified=attempt.verified, seed=rec.seed, z=fields["z"])
+        logger.info("run_recorded", run_id=rec.run_id, status=status, val_bpb=val, kept=keep, commit=commit,
+                    decision=decision, z=fields["z"])
         return to_result(self.lab.ledger.get(rec.run_id), self._tail(rec.run_id, attempt, status))
 
     def _tail(self, run_id: str, attempt: Attempt, status: str) -> str | None:
@@ -203,13 +309,23 @@ class Experiments:
         return printable(tail, TAIL_CHARS)
 
 
+def outcome_of(attempt: Attempt) -> tuple[str, float | None, str | None]:
+    """(status, val_bpb, reason) of an attempt; an ok run without a val_bpb is a crash."""
+    if attempt.status == "ok" and attempt.val_bpb is None:
+        return "crash", None, "the run ended ok but without a val_bpb"
+    return attempt.status, attempt.val_bpb if attempt.status == "ok" else None, attempt.reason
+
+
 def to_result(rec: RunRecord, log_tail: str | None = None) -> ExperimentResult:
     return ExperimentResult(
         run_id=rec.run_id, status=rec.status, description=rec.description, val_bpb=rec.val_bpb, delta=rec.delta,
         kept=rec.kept, decision=rec.decision, commit=rec.commit, training_seconds=rec.training_seconds,
         total_seconds=rec.total_seconds, verified=rec.verified, score_seconds=rec.score_phase_seconds,
         peak_memory_mb=rec.peak_memory_mb, num_steps=rec.num_steps, epochs=rec.epochs,
-        reason=rec.detail if rec.status != "ok" else None, log_tail=log_tail,
+        reason=rec.detail if rec.status != "ok" or rec.decision == "rerun" else None, log_tail=log_tail,
+        seed=rec.seed, sigma=rec.sigma, z=rec.z, significant=rec.significant, mean_val_bpb=rec.mean_val_bpb,
+        seeds_in_mean=rec.seeds_in_mean, confirm_runs=rec.confirm_runs.split(",") if rec.confirm_runs else [],
+        role=rec.role, parent=rec.parent,
     )
 
 

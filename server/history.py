@@ -211,7 +211,7 @@ class History:
             trailers = {}
             for line in str(c.message).strip().splitlines():
                 key, sep, value = line.partition(": ")
-                if sep and key in ("Run-Id", "Val-BPB", "Status", "Verified"):
+                if sep and key in TRAILERS:
                     trailers[key] = value.strip()
             out.append(CommitInfo(c.hexsha, str(c.summary), trailers))
         return out
@@ -221,6 +221,10 @@ class History:
             return self.repo.commit(ATTEMPT_PREFIX + run_id).hexsha
         except (git.BadName, ValueError):
             return None
+
+
+TRAILERS = ("Run-Id", "Val-BPB", "Status", "Verified", "Seed", "Delta", "Z", "Confirm-Runs")
+"""The trailers of an attempt's commit: enough to record the run again from git alone."""
 
 
 def _git_message(e: git.GitCommandError) -> str:

@@ -25,15 +25,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
-from trainer.config import ProgramConfig, TrainerError, load_program, parse_program
+from trainer.config import ProgramConfig, TrainerError, load_program, parse_program, set_top_level
 
 from server import log
 from server.errors import BusyError, InvalidArgumentError, InvalidPatchError, LabStateError, NotFoundError
 from server.history import TRAIN, History, init_repo
 from server.ledger import Ledger
 from server.text import TAIL_CHARS, printable
+from server.noise import Noise
 from server.models import (
-    AGENT_RE, LIVE_STATUSES, RUN_STATUSES, BestEntry, BestResults, LabConfig, LogText, PatchResult, ProgramText,
+    AGENT_RE, CALIBRATION_AGENT, NoiseInfo, LIVE_STATUSES, RUN_STATUSES, BestEntry, BestResults, LabConfig, LogText, PatchResult, ProgramText,
     ResetResult, RunList, RunRecord, RunSummary, TrainFile,
 )
 
@@ -57,15 +58,6 @@ def program_dir(name: str) -> Path:
     return path
 
 
-def set_budget(toml_text: str, budget_s: float) -> str:
-    """program.toml with its top-level budget_s replaced (tests and demos shrink the budget)."""
-    line = f"budget_s = {float(budget_s)}"
-    pattern = re.compile(r"^budget_s\s*=.*$", re.MULTILINE)
-    if pattern.search(toml_text):
-        return pattern.sub(line, toml_text, count=1)
-    return f"{line}\n{toml_text}"
-
-
 def create_lab(root: Path, program: str, *, budget_s: float | None = None, **config: object) -> LabConfig:
     """Make a lab folder from programs/<program>/: the repo with the baseline on `main`, and lab.json."""
     root = Path(root)
@@ -77,7 +69,7 @@ def create_lab(root: Path, program: str, *, budget_s: float | None = None, **con
         raise LabStateError(f"program folder {src} lacks {', '.join(missing)}")
     files = {name: (src / name).read_bytes() for name in PROGRAM_FILES}
     if budget_s is not None:
-        files["program.toml"] = set_budget(files["program.toml"].decode(), budget_s).encode()
+        files["program.toml"] = set_top_level(files["program.toml"].decode(), budget_s=float(budget_s)).encode()
     try:  # fail now, before anything is written, not at the first run
         parse_program(tomllib.loads(files["program.toml"].decode("utf-8")), src / "program.toml")
     except (TrainerError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -97,7 +89,14 @@ def check_agent(agent: str) -> str:
         raise InvalidArgumentError(
             f"invalid agent name {agent!r}: use 1-32 characters of a-z, 0-9, '-' and '_', starting with a letter or digit"
         )
+    if agent == CALIBRATION_AGENT:
+        raise InvalidArgumentError(f"the agent name {agent!r} is the lab's own (its calibration runs); choose another")
     return agent
+
+
+def code_hash(text: str) -> str:
+    """The identity of a train.py: two runs of one hash at one seed are a rerun."""
+    return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
 
 
 class Lab:
@@ -196,9 +195,21 @@ class Lab:
 
     # -- what the tools do, apart from experiments (server.experiment) --------------------------
 
+    def noise(self) -> Noise:
+        """The keep rule's inputs: the latest calibration's σ, else the program's min_improvement."""
+        calibration = self.ledger.calibration()
+        return Noise(sigma=calibration.sigma if calibration else None, floor=self.program().min_improvement,
+                     keep_z=self.config.keep_z, confirm_reruns=self.config.confirm_reruns)
+
+    def noise_info(self) -> NoiseInfo:
+        noise, calibration = self.noise(), self.ledger.calibration()
+        return NoiseInfo(sigma=noise.sigma, margin=round(noise.margin(), 6), rule=noise.rule(),
+                         calibration_runs=calibration.runs if calibration else [])
+
     def read_program(self) -> ProgramText:
         text = (self.root / "repo" / "program.md").read_text(encoding="utf-8")
-        return ProgramText(program=self.config.program, text=text, budget_s=self.program().budget_s)
+        return ProgramText(program=self.config.program, text=text, budget_s=self.program().budget_s,
+                           noise=self.noise_info())
 
     async def read_train(self, agent: str) -> TrainFile:
         await self.ensure_agent(agent)
@@ -268,7 +279,7 @@ class Lab:
 
         base = self.ledger.baseline(agent)
         return BestResults(agent_best=entry(self.ledger.best(agent)), lab_best=entry(self.ledger.best()),
-                           agent_baseline_val_bpb=base.val_bpb if base else None)
+                           agent_baseline_val_bpb=base.val_bpb if base else None, noise=self.noise_info())
 
     def own_run(self, agent: str, run_id: str) -> RunRecord:
         """A run of this agent; another agent's runs are not visible."""
@@ -299,23 +310,33 @@ class Lab:
         runs = [r for r in self.ledger.runs(agent=agent, status=status) if r.kept or not kept_only]
         return RunList(total=len(runs), runs=[
             RunSummary(run_id=r.run_id, agent=r.agent, status=r.status, decision=r.decision, val_bpb=r.val_bpb,
-                       verified=r.verified, delta=r.delta, kept=r.kept, commit=r.commit, description=r.description)
+                       verified=r.verified, delta=r.delta, kept=r.kept, commit=r.commit, description=r.description,
+                       seed=r.seed, z=r.z, role=r.role)
             for r in runs[:limit]])
 
 
+RESULTS_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\tseed\tz\n"
+"""The seed's five columns first, then the run's seed and the keep rule's z (blank when unknown)."""
+
+
 def write_results_row(path: Path, commit: str, val_bpb: float | None, memory_mb: float | None, status: str,
-                      description: str, verified: bool = True) -> None:
-    """Append one row to an agent's results.tsv in the seed's format (crashes as 0.000000 / 0.0); a score
-    from train.py's own process is marked in the description."""
+                      description: str, verified: bool = True, seed: int | None = None, z: float | None = None) -> None:
+    """Append one row to an agent's results.tsv in the seed's format (crashes as 0.000000 / 0.0), then
+    seed and z; a score from train.py's own process is marked in the description. A file begun with
+    the seed's five columns only keeps getting five."""
     if not path.exists():
-        path.write_text("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n")
+        path.write_text(RESULTS_HEADER)
     bpb = f"{val_bpb:.6f}" if val_bpb is not None else "0.000000"
     mem = f"{memory_mb / 1024:.1f}" if memory_mb is not None else "0.0"
     desc = " ".join(description.split())
     if val_bpb is not None and not verified:
         desc = f"[unverified: in-process score] {desc}"
-    with path.open("a") as f:
-        f.write(f"{commit[:7]}\t{bpb}\t{mem}\t{status}\t{desc}\n")
+    row = f"{commit[:7]}\t{bpb}\t{mem}\t{status}\t{desc}"
+    with path.open("r+") as f:
+        if f.readline().rstrip("\n").count("\t") > 4:
+            row += f"\t{'' if seed is None else seed}\t{'' if z is None else f'{z:.2f}'}"
+        f.seek(0, os.SEEK_END)
+        f.write(row + "\n")
 
 
 def read_results(path: Path) -> list[dict[str, str]]:
@@ -326,4 +347,4 @@ def read_results(path: Path) -> list[dict[str, str]]:
     return [dict(zip(header, ln.split("\t", len(header) - 1))) for ln in lines[1:] if ln]
 
 
-__all__ = ["Lab", "create_lab", "check_agent", "program_dir", "set_budget", "write_results_row", "read_results", "TRAIN"]
+__all__ = ["Lab", "create_lab", "check_agent", "program_dir", "write_results_row", "read_results", "TRAIN"]

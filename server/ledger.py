@@ -10,6 +10,7 @@ finished run must not be lost; then, or on a full disk, it raises LedgerUnavaila
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -20,7 +21,7 @@ from typing import Any
 from sandbox.reaper import process_start
 
 from server.errors import LedgerUnavailableError, NotFoundError
-from server.models import LIVE_STATUSES, RunRecord
+from server.models import LIVE_STATUSES, Calibration, CalibrationRun, RunRecord
 from server.text import DETAIL_CHARS, printable
 
 SCHEMA = """
@@ -51,14 +52,26 @@ CREATE TABLE IF NOT EXISTS runs (
     UNIQUE (agent, seq)
 );
 CREATE INDEX IF NOT EXISTS runs_agent ON runs (agent, seq);
+CREATE TABLE IF NOT EXISTS calibrations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_at REAL NOT NULL,
+    "commit" TEXT NOT NULL,
+    run_ids TEXT NOT NULL,
+    seeds TEXT NOT NULL,
+    val_bpbs TEXT NOT NULL,
+    sigma REAL NOT NULL
+);
 """
 
 # columns added after the first labs were made (NULL in older rows), added on open
 ADDED_COLUMNS = {"epochs": "REAL", "verified": "INTEGER", "startup_seconds": "REAL", "train_phase_seconds": "REAL",
-                 "score_phase_seconds": "REAL"}
+                 "score_phase_seconds": "REAL", "seed": "INTEGER", "code_hash": "TEXT", "role": "TEXT",
+                 "parent": "TEXT", "sigma": "REAL", "z": "REAL", "significant": "INTEGER", "mean_val_bpb": "REAL",
+                 "seeds_in_mean": "INTEGER", "confirm_runs": "TEXT"}
+CREATE_FIELDS = frozenset({"seed", "code_hash", "role", "parent"})
 FINISH_FIELDS = frozenset(
     {"decision", "val_bpb", "delta", "kept", "commit", "training_seconds", "total_seconds",
-     "peak_memory_mb", "num_steps", "detail", *ADDED_COLUMNS}
+     "peak_memory_mb", "num_steps", "detail", *ADDED_COLUMNS} - CREATE_FIELDS
 )
 
 
@@ -119,8 +132,11 @@ class Ledger:
                         f"the lab's ledger {self.path} has been locked by another process for over "
                         f"{patience_s:g} s (`fuser {self.path}` names it); try again when it lets go") from e
 
-    def create_run(self, agent: str, description: str, base_commit: str | None) -> RunRecord:
-        """Insert a `queued` row with the agent's next run id (`<agent>-0001`, ...)."""
+    def create_run(self, agent: str, description: str, base_commit: str | None, *, seed: int | None = None,
+                   code_hash: str | None = None, role: str = "experiment", parent: str | None = None) -> RunRecord:
+        """Insert a `queued` row with the agent's next run id (`<agent>-0001`, ...): the run of train.py
+        `code_hash` at `seed`, in its `role` (an agent's experiment, a confirm rerun of `parent`, a
+        calibration run)."""
 
         def insert() -> str:
             self._db.execute("BEGIN IMMEDIATE")
@@ -130,8 +146,10 @@ class Ledger:
                 run_id = f"{agent}-{seq:04d}"
                 self._db.execute(
                     'INSERT INTO runs (run_id, agent, seq, description, status, base_commit, created_at, '
-                    "owner_pid, owner_start) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
-                    (run_id, agent, seq, description, base_commit, time.time(), self.owner_pid, self.owner_start),
+                    "owner_pid, owner_start, seed, code_hash, role, parent) "
+                    "VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (run_id, agent, seq, description, base_commit, time.time(), self.owner_pid, self.owner_start,
+                     seed, code_hash, role, parent),
                 )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -163,8 +181,10 @@ class Ledger:
     def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[RunRecord]:
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
-        return [RunRecord(**{**dict(r), "kept": bool(r["kept"]),
-                             "verified": None if r["verified"] is None else bool(r["verified"])}) for r in rows]
+        return [RunRecord(**{**dict(r), "kept": bool(r["kept"]), "role": r["role"] or "experiment",
+                             "verified": None if r["verified"] is None else bool(r["verified"]),
+                             "significant": None if r["significant"] is None else bool(r["significant"])})
+                for r in rows]
 
     def get(self, run_id: str) -> RunRecord:
         rows = self._rows("SELECT * FROM runs WHERE run_id = ?", (run_id,))
@@ -206,15 +226,35 @@ class Ledger:
         rows = self._rows(sql + " ORDER BY COALESCE(verified, 1) DESC, val_bpb ASC, created_at ASC LIMIT 1", args)
         return rows[0] if rows else None
 
-    def judge(self, agent: str, val_bpb: float | None) -> tuple[float | None, bool]:
-        """(delta against the agent's best, keep?): the one keep rule. The first scored run is kept."""
-        if val_bpb is None:
-            return None, False
-        best = self.best(agent)
-        if best is None or best.val_bpb is None:
-            return None, True
-        delta = val_bpb - best.val_bpb
-        return delta, delta < 0
+    def scores(self, agent: str, code_hash: str | None, exclude: str | None = None) -> dict[int, RunRecord]:
+        """The agent's scored (ok) runs of one train.py, by seed (the earliest run of each seed)."""
+        if code_hash is None:
+            return {}
+        rows = self._rows("SELECT * FROM runs WHERE agent = ? AND code_hash = ? AND status = 'ok' AND val_bpb IS NOT "
+                          "NULL AND seed IS NOT NULL AND run_id != ? ORDER BY seq DESC", (agent, code_hash, exclude or ""))
+        return {r.seed: r for r in rows if r.seed is not None}
+
+    # -- calibrations ----------------------------------------------------------------------------
+
+    def add_calibration(self, commit: str, runs: list[RunRecord], sigma: float) -> Calibration:
+        values = (json.dumps([r.run_id for r in runs]), json.dumps([r.seed for r in runs]),
+                  json.dumps([r.val_bpb for r in runs]))
+        self._write(RECORD_PATIENCE_S, lambda: self._db.execute(
+            'INSERT INTO calibrations (created_at, "commit", run_ids, seeds, val_bpbs, sigma) VALUES (?, ?, ?, ?, ?, ?)',
+            (time.time(), commit, *values, sigma)))
+        calibration = self.calibration()
+        assert calibration is not None
+        return calibration
+
+    def calibration(self) -> Calibration | None:
+        """The lab's latest measurement of its noise, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM calibrations ORDER BY id DESC LIMIT 1").fetchone()
+        if row is None:
+            return None
+        return Calibration(sigma=row["sigma"], commit=row["commit"], created_at=row["created_at"],
+                           runs=[CalibrationRun(run_id=i, seed=s, val_bpb=v) for i, s, v in
+                                 zip(json.loads(row["run_ids"]), json.loads(row["seeds"]), json.loads(row["val_bpbs"]))])
 
     def baseline(self, agent: str) -> RunRecord | None:
         """The agent's first kept run: its baseline."""

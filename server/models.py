@@ -25,10 +25,16 @@ or uses an op the scorer does not know; cancelled; infra-error: the sandbox fail
 the run's supervisor died."""
 LIVE_STATUSES = ("queued", "running")
 RUN_STATUSES = tuple(s for s in RunStatus.__args__ if s not in LIVE_STATUSES)  # type: ignore[attr-defined]
-Decision = Literal["keep", "discard", "crash", "timeout", "oom", "invalid", "unscorable"]
-"""What was done with the commit; the seed's results.tsv `status` column."""
-COMMITTED = frozenset(Decision.__args__) - {"keep", "discard"}  # type: ignore[attr-defined]
+Decision = Literal["keep", "discard", "crash", "timeout", "oom", "invalid", "unscorable", "rerun"]
+"""What was done with the commit; the seed's results.tsv `status` column. rerun: the same train.py
+at the same seed as an earlier scored run of the agent: recorded, never committed, never kept."""
+COMMITTED = frozenset(Decision.__args__) - {"keep", "discard", "rerun"}  # type: ignore[attr-defined]
 """Statuses other than ok whose train.py is committed to an attempt ref (the agent's code did it)."""
+RunRole = Literal["experiment", "confirm", "calibration"]
+"""experiment: an agent's run; confirm: a rerun at a fresh seed that the keep rule asked for (its
+parent: the run it measures again); calibration: a run of the baseline by `autoresearch-mcp calibrate`."""
+CALIBRATION_AGENT = "calibration"
+"""The lab's own runs (calibrate) are recorded under this name; no agent may take it."""
 
 
 class LabConfig(BaseModel):
@@ -62,6 +68,12 @@ class LabConfig(BaseModel):
     min_free_mb: int = Field(default=100, ge=0)
     """A run is refused while the lab's disk has less free space than this: its record, commit and
     logs need room, and a run that cannot be recorded is lost."""
+    keep_z: float = Field(default=2.0, gt=0)
+    """A run is kept when it beats the agent's best by more than this many standard errors of the
+    difference, σ being the lab's spread over seeds (server.noise)."""
+    confirm_reruns: int = Field(default=1, ge=0, le=5)
+    """Fresh seeds a result that beats the best inside the noise band is rerun at before it is decided
+    (0: such a result is discarded at once)."""
     max_patch_bytes: int = 100_000
     """Largest diff apply_patch accepts."""
     max_train_bytes: int = 400_000
@@ -106,6 +118,46 @@ class RunRecord(BaseModel):
     """Host-measured: the train container's start to the harness's clock line."""
     train_phase_seconds: float | None = None
     score_phase_seconds: float | None = None
+    seed: int | None = None
+    """The seed the harness gave the run (None: rows from before seeds were recorded)."""
+    code_hash: str | None = None
+    """sha256 of the train.py the run ran."""
+    role: RunRole = "experiment"
+    parent: str | None = None
+    """A confirm rerun's run: the candidate or best it measured again."""
+    sigma: float | None = None
+    z: float | None = None
+    significant: bool | None = None
+    mean_val_bpb: float | None = None
+    """The candidate's mean over its seeds when confirm reruns decided it."""
+    seeds_in_mean: int | None = None
+    confirm_runs: str | None = None
+    """Comma-separated run ids of the confirm reruns this run's decision waited for."""
+
+
+class CalibrationRun(BaseModel):
+    run_id: str
+    seed: int
+    val_bpb: float
+
+
+class Calibration(BaseModel):
+    """The lab's measured noise: the baseline's val_bpb at several seeds (autoresearch-mcp calibrate)."""
+
+    sigma: float = Field(description="Standard deviation of val_bpb over the seeds.")
+    commit: str = Field(description="The baseline commit that was run.")
+    created_at: float
+    runs: list[CalibrationRun]
+
+
+class NoiseInfo(BaseModel):
+    """How big a change must be to be kept."""
+
+    sigma: float | None = Field(description="The lab's spread of val_bpb over seeds; null until calibrated.")
+    margin: float = Field(description="How much lower than your best a single run's val_bpb must be to be kept "
+                          "outright (0: any improvement).")
+    rule: str = Field(description="The keep rule in one sentence.")
+    calibration_runs: list[CalibrationRun] = Field(default_factory=list, description="The runs σ rests on.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,6 +170,7 @@ class ProgramText(BaseModel):
     program: str = Field(description="Program name, e.g. tiny-stdlib.")
     text: str = Field(description="program.md, verbatim.")
     budget_s: float = Field(description="Training budget of every experiment, in seconds of wall clock.")
+    noise: NoiseInfo
 
 
 class TrainFile(BaseModel):
@@ -156,8 +209,19 @@ class ExperimentResult(BaseModel):
         description="val_bpb minus the agent's best before this run (negative = better); null for the baseline."
     )
     kept: bool = Field(description="True when the change was committed to the agent's branch as its new best.")
-    decision: Decision | None = Field(description="keep | discard | crash | timeout | oom | invalid | unscorable; "
-                                      "null when not committed.")
+    decision: Decision | None = Field(description="keep | discard | crash | timeout | oom | invalid | unscorable | "
+                                      "rerun (the same train.py and seed as an earlier run: never kept); null when "
+                                      "not committed.")
+    seed: int | None = Field(default=None, description="The seed the harness gave the run.")
+    sigma: float | None = Field(default=None, description="σ of one run that the keep rule used (null: no margin).")
+    z: float | None = Field(default=None, description="The improvement over your best in standard errors "
+                            "(positive = better); kept when above the lab's keep_z.")
+    significant: bool | None = Field(default=None, description="True when the change beats the noise.")
+    mean_val_bpb: float | None = Field(default=None, description="Mean over seeds when confirm reruns decided it.")
+    seeds_in_mean: int | None = None
+    confirm_runs: list[str] = Field(default_factory=list, description="The confirm reruns that decided this run.")
+    role: RunRole = Field(default="experiment", description="experiment, or confirm: a rerun the keep rule asked for.")
+    parent: str | None = Field(default=None, description="A confirm rerun's run.")
     commit: str | None = Field(description="Commit of this attempt (on the branch if kept, else on an attempt ref).")
     training_seconds: float | None = None
     total_seconds: float | None = None
@@ -206,6 +270,7 @@ class BestResults(BaseModel):
     agent_best: BestEntry | None
     agent_baseline_val_bpb: float | None
     lab_best: BestEntry | None
+    noise: NoiseInfo
 
 
 class RunSummary(BaseModel):
@@ -221,6 +286,9 @@ class RunSummary(BaseModel):
     kept: bool
     commit: str | None
     description: str
+    seed: int | None = None
+    z: float | None = None
+    role: RunRole = "experiment"
 
 
 class RunList(BaseModel):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from sandbox.gpus import Lease
 from sandbox.models import Limits, Mount, RunOutcome, RunSpec
 from sandbox.runio import copy_output, read_output, read_tail_bytes
 from trainer import contract
+from trainer.config import set_top_level
 from trainer.contract import ContractError, ScoreResult, TrainResult
 
 from server import log
@@ -124,12 +124,15 @@ class Phases:
         return {"autoresearch.agent": agent, "autoresearch.lab": str(self.lab.root),
                 "autoresearch.run-id": run_id, "autoresearch.phase": phase}
 
-    def train_spec(self, run_id: str, agent: str, snapshot: str, lease: Lease) -> RunSpec:
+    def train_spec(self, run_id: str, agent: str, snapshot: str, lease: Lease, seed: int | None = None) -> RunSpec:
+        """The train container; the run's copy of program.toml carries its seed (the harness seeds
+        torch and the loaders from it before train.py starts)."""
         run_dir = self.lab.run_dir(run_id)
         out = run_dir / "out"
         out.mkdir(parents=True, exist_ok=True)
         (run_dir / "train.py").write_text(snapshot, encoding="utf-8")
-        shutil.copyfile(self.lab.program_toml, run_dir / "program.toml")
+        (run_dir / "program.toml").write_text(set_top_level(self.lab.program_toml.read_text(encoding="utf-8"),
+                                                            seed=seed), encoding="utf-8")
         program = self.lab.program()
         data_mounts, val_stream = self._data(run_dir)
         in_process = program.scoring == "in-process"
@@ -159,7 +162,8 @@ class Phases:
     # -- the experiment ------------------------------------------------------------------------
 
     async def run(self, run_id: str, agent: str, snapshot: str, lease: Lease,
-                  on_status: Callable[[str], None], on_progress: Callable[[dict[str, Any]], None]) -> Attempt:
+                  on_status: Callable[[str], None], on_progress: Callable[[dict[str, Any]], None],
+                  seed: int | None = None) -> Attempt:
         program = self.lab.program()
         reference = time_reference(self.lab, agent, program.budget_s)
         clock: list[float] = []
@@ -169,7 +173,7 @@ class Phases:
                 clock.append(time.monotonic())
             on_progress(p)
 
-        spec = self.train_spec(run_id, agent, snapshot, lease)
+        spec = self.train_spec(run_id, agent, snapshot, lease, seed)
         logger.info("train_phase_started", run_id=run_id, gpu=lease.gpu, cores=spec.limits.cpuset,
                     deadline_s=spec.deadline_s)
         t0 = time.monotonic()

@@ -1,5 +1,6 @@
-"""The morning report: each agent's results table and a progress plot like the seed's progress.png
-(val_bpb per experiment, kept ones highlighted, the running best as a step line).
+"""The morning report: the lab's noise, each agent's results table and a progress plot like the
+seed's progress.png (val_bpb per experiment, kept ones highlighted, the running best as a step line
+inside its noise band: the margin a change must beat it by).
 """
 
 from __future__ import annotations
@@ -7,17 +8,29 @@ from __future__ import annotations
 from pathlib import Path
 
 from server.lab import Lab
-from server.models import RunRecord
+from server.models import CALIBRATION_AGENT, RunRecord
+
+
+def agents(lab: Lab) -> list[str]:
+    return [a for a in lab.ledger.agents() if a != CALIBRATION_AGENT]
+
+
+def noise_line(lab: Lab) -> str:
+    info = lab.noise_info()
+    runs = ", ".join(f"{r.val_bpb:.6f} (seed {r.seed}, {r.run_id})" for r in info.calibration_runs)
+    measured = f"σ = {info.sigma:.6f} over {len(info.calibration_runs)} seeds: {runs}" if info.sigma is not None else (
+        "σ not measured (autoresearch-mcp calibrate)")
+    return f"# noise: {measured}\n# {info.rule}\n"
 
 
 def table(lab: Lab) -> str:
-    """Every agent's results.tsv, one after another, with the agent's name above it."""
-    parts = []
-    for agent in lab.ledger.agents():
+    """The lab's noise, then every agent's results.tsv, one after another, with the agent's name above it."""
+    parts = [noise_line(lab)]
+    for agent in agents(lab):
         path = lab.results_path(agent)
         body = path.read_text() if path.exists() else "(no finished runs)\n"
         parts.append(f"# {agent} ({path})\n{body}")
-    return "\n".join(parts) or "no runs yet\n"
+    return "\n".join(parts) if len(parts) > 1 else parts[0] + "no runs yet\n"
 
 
 def plot(lab: Lab, out: Path) -> Path:
@@ -29,8 +42,10 @@ def plot(lab: Lab, out: Path) -> Path:
     from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
 
     fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
-    for agent in lab.ledger.agents():
-        runs: list[RunRecord] = sorted(lab.ledger.runs(agent=agent), key=lambda r: r.seq)
+    margin = lab.noise().margin()
+    for agent in agents(lab):  # a confirm rerun belongs to its parent's experiment: no x position of its own
+        runs: list[RunRecord] = sorted((r for r in lab.ledger.runs(agent=agent) if r.role != "confirm"),
+                                       key=lambda r: r.seq)
         done = [(i, r) for i, r in enumerate(runs, 1) if r.val_bpb is not None]
         if not done:
             continue
@@ -40,6 +55,11 @@ def plot(lab: Lab, out: Path) -> Path:
         line = ax.step([i for i, _ in kept] + [len(runs)], [v for _, v in kept] + [kept[-1][1]], where="post",
                        label=f"{agent} best", zorder=3) if kept else None
         color = line[0].get_color() if line else None
+        if kept and margin > 0:
+            xs_band = [i for i, _ in kept] + [len(runs)]
+            ys_band = [v for _, v in kept] + [kept[-1][1]]
+            ax.fill_between(xs_band, [y - margin for y in ys_band], [y + margin for y in ys_band], step="post",
+                            color=color, alpha=0.12, zorder=1, label=f"{agent} best ± margin ({margin:.4f})")
         ax.scatter([i for i, _ in kept], [v for _, v in kept], s=36, color=color, zorder=4, label=f"{agent} kept")
         unverified = [(i, r.val_bpb) for i, r in done if r.verified is False]
         if unverified:  # scored in train.py's own process: drawn hollow, named in the legend

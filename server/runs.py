@@ -7,6 +7,7 @@ agent it serves, whichever server started it; a server that exits leaves its run
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -16,10 +17,11 @@ from sandbox.base import finish_despite_cancel
 from sandbox.reaper import owner_alive
 
 from server import log
-from server.errors import InvalidArgumentError
+from server.errors import InvalidArgumentError, LabStateError
 from server.experiment import check_description, to_result
 from server.lab import Lab, check_agent
-from server.models import LIVE_STATUSES, ExperimentResult, RunRecord
+from server.models import CALIBRATION_AGENT, LIVE_STATUSES, Calibration, ExperimentResult, RunRecord
+from server.noise import spread
 from server.runtime import finish_orphan
 from server.supervisor import CANCEL_FILE, read_status, spawn
 
@@ -107,6 +109,35 @@ class Runs:
             else:
                 logger.info("run_left_to_its_supervisor", run_id=rec.run_id)
             raise
+
+    async def calibrate(self, seeds: int, report: Reporter | None = None) -> Calibration:
+        """Measure the lab's noise: the baseline (main's train.py) at `seeds` seeds of the harness's
+        choosing (the program's seed and the next ones), each a run of its own through the normal
+        run path, side by side as the slots allow; σ of their val_bpb goes into the ledger."""
+        if not 2 <= seeds <= 50:
+            raise InvalidArgumentError(f"--seeds must be between 2 and 50 (a spread needs two runs), not {seeds}")
+        base = self.lab.program().seed
+        run_ids: list[str] = []
+        try:
+            for seed in range(base, base + seeds):
+                run_ids.append(await spawn(self.lab.root, CALIBRATION_AGENT, f"calibration: the baseline at seed {seed}",
+                                           "calibration", seed))
+            results = await asyncio.gather(*(self.wait(r, report if i == 0 else None) for i, r in enumerate(run_ids)))
+        except asyncio.CancelledError:
+            for run_id in run_ids:
+                with contextlib.suppress(InvalidArgumentError, TimeoutError):
+                    await finish_despite_cancel(asyncio.ensure_future(self.cancel(run_id, self.cancel_reason)))
+            raise
+        ok = [self.lab.ledger.get(r.run_id) for r in results if r.status == "ok" and r.val_bpb is not None]
+        if len(ok) < 2:
+            said = ", ".join(f"{r.run_id} {r.status}" + (f" ({r.reason})" if r.reason else "") for r in results)
+            raise LabStateError(f"only {len(ok)} of {seeds} calibration runs scored ({said}); σ needs two. Fix what "
+                                "stopped them (`autoresearch-mcp doctor`), then calibrate again")
+        sigma = spread([r.val_bpb for r in ok if r.val_bpb is not None])
+        commit = ok[0].base_commit or await self.lab.git(self.lab.history.main_commit)
+        calibration = self.lab.ledger.add_calibration(commit, ok, sigma)
+        logger.info("lab_calibrated", sigma=sigma, runs=[r.run_id for r in ok])
+        return calibration
 
     cancel_reason = "cancelled by the client"
     """What a cancelled run's row says (the shell's `run` names the signal that stopped it)."""

@@ -89,14 +89,18 @@ def _finish_from_commit(lab: Lab, rec: RunRecord) -> bool:
         train = parse_train_result(read_output(lab.run_dir(rec.run_id) / "out", "result.json")[0])
     except ContractError:
         train = None
-    delta, _ = lab.ledger.judge(rec.agent, val)  # the commit already says whether it was kept
+    number = lambda key: float(trailers[key]) if key in trailers else None  # noqa: E731
     fields = measured_fields(train)
     status = "ok" if decision in ("keep", "discard") else decision
     verified = None if val is None else "Verified" not in trailers
-    if lab.ledger.finish(rec.run_id, status, decision=decision, val_bpb=val, delta=delta, kept=keep, commit=sha,
-                         verified=verified, detail="recorded from its commit: the supervisor stopped after committing this run",
-                         **fields):
+    z, delta = number("Z"), number("Delta")
+    if delta is None and val is not None:  # a commit from before the Delta trailer: against the best now
+        best = lab.ledger.best(rec.agent)
+        delta = val - best.val_bpb if best is not None and best.val_bpb is not None else None
+    if lab.ledger.finish(rec.run_id, status, decision=decision, val_bpb=val, delta=delta, kept=keep,
+                         commit=sha, verified=verified, z=z, confirm_runs=trailers.get("Confirm-Runs", "").replace(" ", "") or None,
+                         detail="recorded from its commit: the supervisor stopped after committing this run", **fields):
         write_results_row(lab.results_path(rec.agent), sha, val, fields["peak_memory_mb"], decision,
-                          rec.description, verified=verified is not False)
+                          rec.description, verified=verified is not False, seed=rec.seed, z=z)
         logger.warning("run_recovered_from_commit", run_id=rec.run_id, decision=decision, commit=sha)
     return True

@@ -5,7 +5,7 @@ A server that exits, is killed or loses its client leaves the run going; only a 
 the supervisor, sent by `cancel_experiment` or a cancelled blocking call) stops it. A supervisor
 that dies is found by the next server's recovery (its row `interrupted`, its container reaped).
 
-    python -m server.supervisor --lab DIR --agent NAME --description TEXT
+    python -m server.supervisor --lab DIR --agent NAME --description TEXT [--role calibration --seed N]
 prints one JSON line on stdout ({"run_id": ...} or {"error": ..., "kind": ...}) once the row is
 written, then nothing more; its own log goes to stderr (the spawner points it at a file).
 """
@@ -45,7 +45,8 @@ def read_status(run_dir: Path) -> str | None:
         return None
 
 
-async def supervise(lab_dir: Path, agent: str, description: str) -> int:
+async def supervise(lab_dir: Path, agent: str, description: str, role: str = "experiment",
+                    seed: int | None = None) -> int:
     from server.errors import LabError  # noqa: PLC0415
     from server.experiment import Experiments  # noqa: PLC0415
     from server.lab import Lab  # noqa: PLC0415
@@ -62,12 +63,12 @@ async def supervise(lab_dir: Path, agent: str, description: str) -> int:
                 backend, pool = make_runtime(lab)
             except SandboxError as e:  # the host is broken, not the agent's code: one infra-error row
                 check_description(description)
-                rec = lab.ledger.create_run(agent, " ".join(description.split()), None)
+                rec = lab.ledger.create_run(agent, " ".join(description.split()), None, seed=seed, role=role)
                 lab.ledger.finish(rec.run_id, "infra-error", detail=f"the sandbox failed: {type(e).__name__}: {e}")
                 answer({"run_id": rec.run_id})
                 return 1
             experiments = Experiments(lab, backend, pool, image_of(lab))
-            pending = await experiments.begin(agent, description)
+            pending = await experiments.begin(agent, description, role, seed)  # type: ignore[arg-type]
         except LabError as e:
             answer({"error": str(e), "kind": type(e).__name__})
             return 1
@@ -121,8 +122,9 @@ def answer(message: dict) -> None:
     os.close(devnull)
 
 
-async def spawn(lab_dir: Path, agent: str, description: str) -> str:
-    """Start a supervisor for a new run of `agent`; its run id once the ledger row exists.
+async def spawn(lab_dir: Path, agent: str, description: str, role: str = "experiment", seed: int | None = None) -> str:
+    """Start a supervisor for a new run of `agent` (a calibration run of the lab's: role
+    `calibration`, at `seed`); its run id once the ledger row exists.
 
     Raises the LabError the supervisor met (busy agent, no data, a bad description) with its text.
     """
@@ -134,7 +136,8 @@ async def spawn(lab_dir: Path, agent: str, description: str) -> str:
     try:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "server.supervisor", "--lab", str(lab_dir), "--agent", agent,
-            "--description", description, "--detach", stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            "--description", description, "--role", role, *(["--seed", str(seed)] if seed is not None else []),
+            "--detach", stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=errlog, start_new_session=True,  # its own session: a signal to the server's group misses it
             cwd=str(Path(__file__).resolve().parent.parent), env={**os.environ, "PYTHONUNBUFFERED": "1"})
     finally:
@@ -168,13 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lab", required=True, type=Path)
     ap.add_argument("--agent", required=True)
     ap.add_argument("--description", required=True)
+    ap.add_argument("--role", choices=["experiment", "calibration"], default="experiment")
+    ap.add_argument("--seed", type=int, help="the run's seed (default: the program's)")
     ap.add_argument("--detach", action="store_true", help="fork once more, so that the spawner is not "
                     "this process's parent (no zombie left in a long-lived server)")
     args = ap.parse_args(argv)
     if args.detach and os.fork() > 0:
         os._exit(0)  # the spawner reaps this at once; the child goes on, adopted by init
     log.configure()
-    return asyncio.run(supervise(args.lab, args.agent, args.description))
+    return asyncio.run(supervise(args.lab, args.agent, args.description, args.role, args.seed))
 
 
 if __name__ == "__main__":

@@ -79,7 +79,8 @@ def lab_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
 async def read_program(ctx: Context) -> ProgramText:
     """Read the research program (program.md): the human's instructions, goals and rules for this lab.
 
-    Read it first. Also returns the fixed training budget of every experiment in seconds.
+    Read it first. Also returns the fixed training budget of every experiment in seconds, and the
+    lab's noise: σ (the spread of val_bpb over seeds), the runs it rests on, and the keep rule.
     """
     return state(ctx).lab.read_program()
 
@@ -114,7 +115,7 @@ async def run_experiment(
     description: Annotated[str, Field(description="A few words on what this experiment changes, e.g. "
                                                   "'double the learning rate'. Becomes the commit message.")],
 ) -> ExperimentResult:
-    """Train your current train.py for the program's fixed budget and keep it if val_bpb improved.
+    """Train your current train.py for the program's fixed budget and keep it if val_bpb beat the noise.
 
     Blocks for the whole run: the budget (read_program's budget_s, 300 s on the GPU program) plus
     start-up and evaluation, and any wait for the shared run slot; sends progress notifications at
@@ -122,9 +123,15 @@ async def run_experiment(
     sandboxed: no network, a hard deadline. val_bpb (validation bits per byte, lower is better) is
     measured by a separate trusted scorer on the model you submit (exported with torch.export), never
     by train.py's process.
-    Afterwards train.py is committed on your branch: if val_bpb beat your best it is kept (the
-    branch advances); otherwise it is discarded and train.py returns to your best (the attempt stays
-    reachable by its commit). Your first run is your baseline. On crash / timeout / oom / invalid /
+    The keep rule: a run is kept only when its val_bpb beats your best by more than the lab's margin
+    (keep_z, default 2, standard errors of σ, the spread over seeds; read_program states it), and a
+    gain inside that band is first rerun at fresh seeds the harness picks (recorded as runs of their
+    own, role confirm), the means deciding. The harness seeds every run (read cfg.seed; a train.py
+    that seeds itself is refused as invalid), so the same train.py run again is a `rerun`: recorded,
+    never kept or committed. The result reports delta, sigma, z and significant.
+    Afterwards train.py is committed on your branch: if kept, the branch advances; otherwise it is
+    discarded and train.py returns to your best (the attempt stays reachable by its commit). Your first
+    run is your baseline. On crash / timeout / oom / invalid /
     unscorable the result carries the reason and the log tail: fix the cause and run again. Cancelling the call kills the
     run and records it as cancelled. For clients with short call limits use start_experiment.
     """
@@ -201,7 +208,7 @@ async def get_best(ctx: Context) -> BestResults:
     """Get your best result and the best of the whole lab (all agents on this host).
 
     Each best has val_bpb (lower is better), run id, commit, description and the improvement over
-    that agent's baseline (its first run). Instant.
+    that agent's baseline (its first run); `noise` says how much a change must beat it by. Instant.
     """
     return state(ctx).lab.best(agent_of(ctx))
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.config import load_program
+from trainer.config import load_program, set_top_level
 from trainer.contract import MODEL_DIR, parse_score_output
 from trainer.loader import BatchStream, TrainLoader
 from trainer.shards import META_FILE, open_split
@@ -194,13 +194,7 @@ def _f(value, scale: float, spec: str) -> str:
 
 def program_copy(source: Path, dest: Path, **overrides) -> Path:
     """dest: the program at source with top-level settings replaced (None: left as it is)."""
-    text = source.read_text()
-    for key, value in overrides.items():
-        if value is not None:
-            text, n = re.subn(rf"(?m)^{key}\s*=.*$", f"{key} = {value!r}", text)
-            if not n:  # not in the file (a default): top-level keys go before any table
-                text = f"{key} = {value!r}\n" + text
-    dest.write_text(text)
+    dest.write_text(set_top_level(source.read_text(), **overrides))
     load_program(dest)  # a bad override fails here, before any run
     return dest
 

@@ -115,6 +115,11 @@ class ProgramConfig(_Frozen):
     """sealed: the exported model is scored in a separate trusted process; in-process: scored inside
     train.py's process, so its runs are marked unverified and never the lab's best over a sealed one."""
     seed: int = 42
+    """The harness seeds torch with it before train.py starts; the lab sets it per run (a confirm
+    rerun or a calibration run gets another). train.py reads it as cfg.seed and never seeds itself."""
+    min_improvement: float = Field(0.0, ge=0)
+    """While the lab has no measured noise (autoresearch-mcp calibrate), a run is kept only when it
+    beats the best by more than this much val_bpb (0: any improvement)."""
     cpu_threads: int | None = Field(None, ge=1)
     """torch threads on CPU programs (None: torch's default)."""
     max_loss: float = Field(100.0, gt=0)
@@ -168,3 +173,31 @@ def parse_program(raw: dict, path: Path | str = "<program.toml>") -> ProgramConf
         elif err["type"] == "extra_forbidden":
             msg = "unknown field; check its spelling against trainer/config.py"
         raise ProgramConfigError(path, f"{msg}{more}", field=field) from e
+
+
+def set_top_level(toml_text: str, **settings: object) -> str:
+    """program.toml's text with top-level settings replaced, or added before the first table when
+    absent (None: left as it is). Comments and layout elsewhere are kept; a key of the same name
+    inside a table is not touched."""
+    import re  # noqa: PLC0415
+
+    table = re.search(r"(?m)^\s*\[", toml_text)
+    head, rest = (toml_text[:table.start()], toml_text[table.start():]) if table else (toml_text, "")
+    for key, value in settings.items():
+        if value is None:
+            continue
+        line = f"{key} = {_toml_value(value)}"
+        head, n = re.subn(rf"(?m)^{re.escape(key)}\s*=[^\n]*$", line.replace("\\", r"\\"), head, count=1)
+        if not n:
+            head = f"{line}\n{head}"
+    return head + rest
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raise TypeError(f"no TOML form for {type(value).__name__}")

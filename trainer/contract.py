@@ -47,7 +47,7 @@ def base_env() -> dict[str, str]:
 
 # -- what each phase answers -----------------------------------------------------------------------
 
-TrainStatus = Literal["ok", "crash", "unscorable"]
+TrainStatus = Literal["ok", "crash", "unscorable", "invalid"]
 ScoreStatus = Literal["ok", "invalid", "unscorable", "crash"]
 
 

@@ -60,6 +60,17 @@ def setup_torch(program: ProgramConfig, t0: float):
     return torch.device(program.device)
 
 
+def check_seed(program: ProgramConfig) -> None:
+    """train.py must not seed the generator itself (issue 23): the harness seeded it, and a seed of
+    train.py's choosing would make seed search look like research."""
+    import torch
+
+    if torch.initial_seed() != program.seed:
+        raise Crash(f"train.py set its own random seed (torch's seed is {torch.initial_seed()}, the harness "
+                    f"seeded {program.seed}): the harness owns the seed, read it as cfg.seed and remove the "
+                    "manual_seed call; a seed search is not research", status="invalid")
+
+
 def run_train(path: Path) -> None:
     """Execute train.py as __main__; anything it raises ends the run as a crash."""
     argv = sys.argv
@@ -247,6 +258,7 @@ def execute(program_path: Path, train_path: Path, data_dir: Path, out_dir: Path,
             api.check_free_steps(run)
         if run.crash_reason:  # a check failed (maybe train.py caught our exception and carried on)
             raise Crash(run.crash_reason)
+        check_seed(program)
         measure(run, device, result)
         if in_process:
             score_in_process(run, device, result, val)

@@ -1,9 +1,11 @@
-"""`python -m server.bench reliability [--small]`: the reliability suite of issue 19, with figures.
+"""`python -m server.bench reliability [--size small]`: the reliability suite of issues 19 and 23, with figures.
 
   load    N agents (N server processes over stdio) x S slots x R runs of a trivial program
   faults  kill -9 of a server and of a supervisor mid-run, dockerd restarted mid-run, a full disk,
           a container OOM, a locked ledger (docker backend)
   fuzz    hypothesis-generated arguments for every tool, diffs above all
+  noise   the keep rule on a program of known noise: neutral changes and real improvements kept,
+          and the confirm reruns' cost (a simulation through server.noise.decide; no runs)
 
 Prints one JSON object per part and a summary; exits 1 when any check fails.
 """
@@ -18,8 +20,8 @@ import tempfile
 from pathlib import Path
 
 # small: CI. One pair of runs beside a fork bomb on a busy 2-core host is noisy, hence its looser bound.
-SIZES = {"small": dict(agents=2, slots=2, runs=4, cases=300, max_slowdown=0.25),
-         "full": dict(agents=8, slots=2, runs=100, cases=10_000, max_slowdown=0.10)}
+SIZES = {"small": dict(agents=2, slots=2, runs=4, cases=300, max_slowdown=0.25, changes=200),
+         "full": dict(agents=8, slots=2, runs=100, cases=10_000, max_slowdown=0.10, changes=2000)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("reliability", help="load, faults and fuzzing, with figures")
     p.add_argument("--size", choices=sorted(SIZES), default="full")
-    p.add_argument("--parts", default="load,faults,fuzz", help="comma-separated: load, faults, fuzz")
-    for name in ("agents", "slots", "runs", "cases"):
+    p.add_argument("--parts", default="load,faults,fuzz,noise", help="comma-separated: load, faults, fuzz, noise")
+    for name in ("agents", "slots", "runs", "cases", "changes"):
         p.add_argument(f"--{name}", type=int, help=f"override the size's {name}")
     p.add_argument("--faults", help="comma-separated fault names to stage (default: all)")
     p.add_argument("--image", default="autoresearch-sandbox:cpu", help="the sandbox image of the docker faults")
@@ -66,12 +68,16 @@ async def _run(parts: list[str], work: Path, size: dict, image: str, only: set[s
             from server.bench.faults import run_faults  # noqa: PLC0415
 
             report = await run_faults(work, data, image, only, size["max_slowdown"])
+        elif part == "noise":
+            from server.bench.noise import run_noise  # noqa: PLC0415
+
+            report = await run_noise(size["changes"])
         elif part == "fuzz":
             from server.bench.fuzz import run_fuzz  # noqa: PLC0415
 
             report = await run_fuzz(work, program, data, size["cases"])
         else:
-            raise SystemExit(f"unknown part {part!r}; the parts are load, faults, fuzz")
+            raise SystemExit(f"unknown part {part!r}; the parts are load, faults, fuzz, noise")
         print(json.dumps(report), flush=True)
         reports.append(report)
     return reports

@@ -54,8 +54,7 @@ import trainer
 LR = 0.5
 WIDTH = 16
 
-cfg = trainer.program()
-torch.manual_seed(cfg.seed)
+cfg = trainer.program()  # the harness has seeded torch with cfg.seed
 model = torch.nn.Sequential(torch.nn.Embedding(cfg.vocab_size, WIDTH), torch.nn.Linear(WIDTH, cfg.vocab_size))
 opt = torch.optim.SGD(model.parameters(), lr=LR)
 loader = trainer.train_loader(8)

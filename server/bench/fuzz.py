@@ -192,7 +192,8 @@ async def run_fuzz(work: Path, program: Path, data: Path, cases_n: int) -> dict:
             if re.fullmatch(r"Error executing tool \w+", text.strip()):
                 stats["unhandled"] += 1
                 problems.append(f"unhandled: {tool} {str(args)[:200]}")
-            elif len(text) > 1500 or "pydantic.dev" in text or "Traceback (most recent" in text or "allow with" in text:
+            elif len(text) > 1500 or "pydantic.dev" in text or "Traceback (most recent" in text or re.search(
+                    r"\(allow with ['\"]", text):  # git's hint for a person at a shell
                 stats["unreadable"] += 1
                 problems.append(f"unreadable rejection ({len(text)} chars): {text[:200]}")
             templates[f"{tool}: {_template(text)}"] += 1

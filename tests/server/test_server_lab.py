@@ -11,7 +11,7 @@ import pytest
 from server_helpers import PROGRAM
 
 from server.errors import BusyError, InvalidArgumentError, InvalidPatchError, LabStateError, NotFoundError
-from server.lab import Lab, create_lab, read_results, set_budget, write_results_row
+from server.lab import Lab, create_lab, read_results, write_results_row
 
 pytestmark = pytest.mark.anyio
 PROGRAM_NAME = Path(PROGRAM).name
@@ -42,12 +42,6 @@ def test_create_lab_refuses_unknown_programs_and_existing_labs(make_lab, tmp_pat
         create_lab(root, "tiny-stdlib")
     with pytest.raises(LabStateError, match="not a lab"):
         Lab(tmp_path / "nowhere")
-
-
-def test_set_budget_replaces_only_the_top_level_key():
-    assert set_budget('name = "x"\nbudget_s = 300\n[data]\nkind = "local"\n', 7) == (
-        'name = "x"\nbudget_s = 7.0\n[data]\nkind = "local"\n')
-    assert set_budget('name = "x"\n', 3).startswith("budget_s = 3.0\n")
 
 
 async def test_apply_patch_then_reset(lab):
@@ -103,15 +97,20 @@ async def test_bad_agent_names_and_arguments(lab):
 
 
 def test_results_rows_use_the_seed_format(tmp_path):
+    """The seed's five columns first, then the run's seed and z; a file begun with five keeps five."""
     path = tmp_path / "r.tsv"
-    write_results_row(path, "a1b2c3d4e5", 0.99791, 45060.2, "keep", "baseline")
-    write_results_row(path, "f6e5d4c3b2", None, None, "crash", "double\tthe width\n")
+    write_results_row(path, "a1b2c3d4e5", 0.99791, 45060.2, "keep", "baseline", seed=42)
+    write_results_row(path, "f6e5d4c3b2", None, None, "crash", "double\tthe width\n", seed=42, z=-1.234)
     assert path.read_text().splitlines() == [
-        "commit\tval_bpb\tmemory_gb\tstatus\tdescription",
-        "a1b2c3d\t0.997910\t44.0\tkeep\tbaseline",
-        "f6e5d4c\t0.000000\t0.0\tcrash\tdouble the width",
+        "commit\tval_bpb\tmemory_gb\tstatus\tdescription\tseed\tz",
+        "a1b2c3d\t0.997910\t44.0\tkeep\tbaseline\t42\t",
+        "f6e5d4c\t0.000000\t0.0\tcrash\tdouble the width\t42\t-1.23",
     ]
-    assert read_results(path)[1]["status"] == "crash"
+    assert read_results(path)[1]["status"] == "crash" and read_results(path)[1]["z"] == "-1.23"
+    old = tmp_path / "old.tsv"
+    old.write_text("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n")
+    write_results_row(old, "a1b2c3d4e5", 0.99791, None, "keep", "baseline", seed=42, z=3.0)
+    assert old.read_text().splitlines()[1] == "a1b2c3d\t0.997910\t0.0\tkeep\tbaseline"
 
 
 def test_each_run_gets_its_share_of_the_host():

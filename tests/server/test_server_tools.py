@@ -105,7 +105,11 @@ async def test_read_patch_reset_and_empty_history(client):
     assert (await client.call_tool("read_train", {})).structured_content["text"] == train["text"]
     assert (await client.call_tool("list_experiments", {})).structured_content == {"runs": [], "total": 0}
     best = (await client.call_tool("get_best", {})).structured_content
-    assert best == {"agent_best": None, "agent_baseline_val_bpb": None, "lab_best": None}
+    assert {k: best[k] for k in ("agent_best", "agent_baseline_val_bpb", "lab_best")} == {
+        "agent_best": None, "agent_baseline_val_bpb": None, "lab_best": None}
+    assert best["noise"] == {"sigma": None, "margin": 0.0, "calibration_runs": [],
+                             "rule": "A run is kept when its val_bpb is lower than your best (the lab's noise is not "
+                                     "measured yet)."}
 
 
 async def test_runs_need_prepared_data_and_leave_no_row_without_it(make_lab):

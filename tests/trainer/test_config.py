@@ -5,7 +5,7 @@ import subprocess
 import pytest
 
 from trainer_testlib import PROGRAMS, PYTHON, REPO
-from trainer.config import ClimbmixSource, ProgramConfigError, PythonStdlibSource, load_program
+from trainer.config import ClimbmixSource, ProgramConfigError, PythonStdlibSource, load_program, set_top_level
 
 GOOD = """
 name = "t"
@@ -80,3 +80,11 @@ def test_config_import_pulls_in_neither_torch_nor_numpy():
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([PYTHON, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_set_top_level_replaces_only_top_level_keys():
+    text = 'name = "x"\nbudget_s = 300\nseed = 42\n[data]\nseed = 7\nkind = "local"\n'
+    assert set_top_level(text, budget_s=7.0, seed=43) == (
+        'name = "x"\nbudget_s = 7.0\nseed = 43\n[data]\nseed = 7\nkind = "local"\n')
+    assert set_top_level('name = "x"\n[data]\nkind = "local"\n', seed=5) == 'seed = 5\nname = "x"\n[data]\nkind = "local"\n'
+    assert set_top_level('name = "x"\n', budget_s=None) == 'name = "x"\n'
