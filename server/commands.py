@@ -138,8 +138,9 @@ async def cmd_run(args: argparse.Namespace) -> int:
             print(f"stopped by {task.stopped_by}: the run was cancelled and recorded", file=sys.stderr)
             return 128 + getattr(signal, task.stopped_by).value
     print(json.dumps(result.model_dump(), indent=2))
-    print(f"{result.run_id}: {result.status}, val_bpb {result.val_bpb}, kept {result.kept} "
-          f"({time.monotonic() - t0:.0f} s)", file=sys.stderr)
+    z = f", z {result.z:.2f}" if result.z is not None else ""
+    print(f"{result.run_id}: {result.status}, val_bpb {result.val_bpb}, {result.decision or 'not committed'}{z}, "
+          f"kept {result.kept} ({time.monotonic() - t0:.0f} s)", file=sys.stderr)
     return 0 if result.status == "ok" else 1
 
 

@@ -100,6 +100,11 @@ def doctor(root: Path) -> int:
                                 f"autoresearch-mcp prepare {lab.config.program} --lab {root}"))
             checks.append(_gpus(needed=lab.program().device == "cuda"))
             checks.append(_slots(lab))
+            info = lab.noise_info()
+            checks.append(Check("noise", info.sigma is not None,
+                                f"σ = {info.sigma:.6f} over {len(info.calibration_runs)} seeds" if info.sigma is not None
+                                else "not measured: " + info.rule, f"autoresearch-mcp calibrate --lab {root}",
+                                required=False))
         else:
             checks.append(_gpus(needed=False))
     finally:
