@@ -293,22 +293,25 @@ def bench_edits(args: argparse.Namespace) -> None:
 
 
 def quality_summary(rows: list[dict]) -> list[str]:
-    """val_bpb per file name (mean, sample sd, range, steps) and each file minus the first one run
-    into the folder, per seed."""
+    """val_bpb per file name over all its ok runs, reruns of a seed included (mean, sample sd, range,
+    steps), and each file minus the first one run into the folder, per seed (a seed's mean)."""
     names = list(dict.fromkeys(r["train"] for r in rows))
-    scores = {name: {r["seed"]: r["val_bpb"] for r in rows if r["train"] == name and r["status"] == "ok"}
-              for name in names}  # a seed run twice into one folder: its latest run counts
+    runs = {name: [r["val_bpb"] for r in rows if r["train"] == name and r["status"] == "ok"] for name in names}
+    by_seed: dict[str, dict[int, list[float]]] = {name: {} for name in names}  # reruns of a seed all count
+    for r in rows:
+        if r["status"] == "ok":
+            by_seed[r["train"]].setdefault(r["seed"], []).append(r["val_bpb"])
+    scores = {name: {seed: _mean(v) for seed, v in seeds.items()} for name, seeds in by_seed.items()}
     width = max(24, *(len(name) + 2 for name in names))
     lines = [f"\n{'':24}" + "".join(f"{name:>{width}}" for name in names)]
 
     def row(label, cell):
         lines.append(f"{label:24}" + "".join(f"{cell(name):>{width}}" for name in names))
 
-    row("runs ok / all", lambda n: f"{len(scores[n])} / {sum(r['train'] == n for r in rows)}")
-    row("val_bpb mean", lambda n: _f(_mean(scores[n].values()), 1, ".4f"))
-    row("val_bpb sd", lambda n: _f(_sd(scores[n].values()), 1, ".4f"))
-    row("val_bpb min / max", lambda n: " / ".join(_f(f(scores[n].values(), default=None), 1, ".4f")
-                                                  for f in (min, max)))
+    row("runs ok / all", lambda n: f"{len(runs[n])} / {sum(r['train'] == n for r in rows)}")
+    row("val_bpb mean", lambda n: _f(_mean(runs[n]), 1, ".4f"))
+    row("val_bpb sd", lambda n: _f(_sd(runs[n]), 1, ".4f"))
+    row("val_bpb min / max", lambda n: " / ".join(_f(f(runs[n], default=None), 1, ".4f") for f in (min, max)))
     row("steps mean", lambda n: _f(_mean([r["num_steps"] for r in rows if r["train"] == n
                                           and r["status"] == "ok"]), 1, ".0f"))
     row("epochs mean", lambda n: _f(_mean([r["epochs"] for r in rows if r["train"] == n and r["status"] == "ok"

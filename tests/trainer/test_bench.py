@@ -124,3 +124,15 @@ def test_bench_quality_refuses_a_bad_seed_list_before_any_run(tmp_path, tiny_dat
                            str(tmp_path / "q")], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "expected comma-separated integers, like 42,43,44; got '7,x'" in proc.stderr
     assert not (tmp_path / "q").exists()
+
+
+def test_quality_summary_counts_every_rerun_of_a_seed():
+    """Two ok runs at seed 42 are two runs (issue 20): the mean, sd and range are over both."""
+    from trainer.bench import quality_summary  # noqa: PLC0415
+
+    rows = [{"train": "a.py", "seed": 42, "status": "ok", "val_bpb": v, "num_steps": 10, "epochs": 1.0}
+            for v in (0.60, 0.64)]
+    rows.append({"train": "b.py", "seed": 42, "status": "ok", "val_bpb": 0.61, "num_steps": 10, "epochs": 1.0})
+    text = "\n".join(quality_summary(rows))
+    assert "2 / 2" in text and "0.6200" in text and "0.0283" in text, text  # mean 0.62, sd of the two
+    assert "mean -0.0100" in text, text  # b minus a at seed 42: against a's mean there
