@@ -75,7 +75,8 @@ async def test_a_run_outlives_the_client_and_the_server_that_started_it(make_lab
         tg.cancel_scope.cancel()
     await wait_until(lambda: ledger_rows(root)[-1].status not in ("queued", "running"), 120, "the run's record")
     rows = ledger_rows(root)
-    assert [r.status for r in rows] == ["ok", "ok"] and all(r.commit for r in rows)
+    assert [r.status for r in rows] == ["ok", "ok"] and rows[0].commit  # the same file again: a rerun (issue 23)
+    assert (rows[1].decision, rows[1].commit, rows[1].seed) == ("rerun", None, rows[0].seed)
     await wait_until(lambda: lab_containers() == [], 30, "its containers to be removed")
 
 
