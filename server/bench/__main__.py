@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 # small: CI. One pair of runs beside a fork bomb on a busy 2-core host is noisy, hence its looser bound.
-SIZES = {"small": dict(agents=2, slots=2, runs=4, cases=300, max_slowdown=0.25, changes=200),
+SIZES = {"small": dict(agents=2, slots=2, runs=4, cases=300, max_slowdown=0.25, changes=2000),
          "full": dict(agents=8, slots=2, runs=100, cases=10_000, max_slowdown=0.10, changes=2000)}
 
 

@@ -20,7 +20,7 @@ def test_the_reliability_suite_passes_at_its_small_size(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=1400)
     reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     by_part = {r.get("part", "summary"): r for r in reports}
-    assert set(by_part) == {"load", "faults", "fuzz", "summary"}, proc.stderr[-3000:]
+    assert set(by_part) == {"load", "faults", "fuzz", "noise", "summary"}, proc.stderr[-3000:]
     failed = {part: {k: v for k, v in r["checks"].items() if not v} for part, r in by_part.items() if "checks" in r}
     assert not any(failed.values()), json.dumps({"failed": failed, "reports": reports})[:6000]
     assert proc.returncode == 0 and by_part["summary"]["summary"] == "ok"
