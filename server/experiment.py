@@ -78,12 +78,15 @@ class Decided:
     """What the keep rule made of a finished run, before it is recorded."""
 
     decision: str | None
-    keep: bool = False
     judgement: Judgement | None = None
     seeds: dict[int, float] = field(default_factory=dict)
     """The candidate's val_bpb at each seed it was measured at (when confirm reruns decided it)."""
     confirm_runs: tuple[str, ...] = ()
     note: str | None = None
+
+    @property
+    def keep(self) -> bool:
+        return self.decision == "keep"
 
 
 class Experiments:
@@ -214,7 +217,8 @@ class Experiments:
         best_scores = self._scores_of(best) if best is not None and best.val_bpb is not None else {}
         confirms: list[str] = []
         best_code: list[str] = []
-        fresh = list(range(self.lab.program().seed + 1, self.lab.program().seed + 1 + noise.confirm_reruns + 1))
+        program_seed = self.lab.program().seed
+        fresh = list(range(program_seed + 1, program_seed + 2 + noise.confirm_reruns))
 
         async def rerun_candidate(seed: int) -> float | None:
             return await self._confirm(pending, pending.snapshot, seed, rec.run_id, confirms,
@@ -228,7 +232,7 @@ class Experiments:
                                        f"the best's ({best.run_id}) rerun at seed {seed}")
 
         verdict, seeds = await decide(val, rec.seed, best_scores, noise, fresh, rerun_candidate, rerun_best)
-        return Decided(verdict.verdict, verdict.verdict == "keep", verdict, seeds=seeds, confirm_runs=tuple(confirms))
+        return Decided(verdict.verdict, verdict, seeds=seeds, confirm_runs=tuple(confirms))
 
     def _scores_of(self, rec: RunRecord) -> dict[int, float]:
         """A run's val_bpb by seed: its own, and every scored run of its train.py (its confirm reruns)."""
