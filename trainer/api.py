@@ -69,6 +69,7 @@ class Run:
     last_report: float = 0.0
     tokens_at_report: int = 0
     last_loss: float | None = None
+    losses: list[float] = field(default_factory=list)  # every step's loss, in step order
     pending_loss: object = None  # the last CUDA loss, read at the next step
     step_seconds: list[float] = field(default_factory=list)  # host time between timed steps
     crash_reason: str | None = None
@@ -190,6 +191,7 @@ def step(loss) -> bool:
 def _check_loss(run: Run, loss, step_number: int) -> None:
     value = float(loss.float().item() if hasattr(loss, "item") else loss)
     run.last_loss = value
+    run.losses.append(value)
     if not math.isfinite(value) or value > run.program.max_loss:
         run.crash_reason = (f"training diverged: loss is {value} at step {step_number} "
                             f"(limit {run.program.max_loss:g})")

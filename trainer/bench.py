@@ -29,6 +29,7 @@ on that same cache, in order (as one agent's runs share its cache), one row per 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -45,6 +46,7 @@ import numpy as np
 from trainer.config import load_program, set_top_level
 from trainer.contract import MODEL_DIR, parse_score_output
 from trainer.loader import BatchStream, TrainLoader
+from trainer.run import spike_text
 from trainer.shards import META_FILE, open_split
 
 BOS_ID = 8188
@@ -132,8 +134,9 @@ def harness_run(program: Path, train: Path, data: Path, out: Path, cache: Path) 
            "PYTHONUNBUFFERED": "1"}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     in_process = load_program(program).scoring == "in-process"
+    log_path = out.parent / f"{out.name}.log"  # beside the run folder (a name may hold dots)
     t0 = time.monotonic()
-    with open(out.with_suffix(".log"), "w") as log, \
+    with open(log_path, "w") as log, \
             (val_stream(data, out) if in_process else open(os.devnull, "rb")) as stdin:
         subprocess.run([sys.executable, "-m", "trainer.run", "--program", str(program), "--train",
                         str(train), "--data", str(data), "--out", str(out), *(["--val-stdin"] if in_process else [])],
@@ -144,7 +147,7 @@ def harness_run(program: Path, train: Path, data: Path, out: Path, cache: Path) 
         t1 = time.monotonic()
         scored = subprocess.run([sys.executable, "-m", "trainer.score", "--program", str(program), "--artifact",
                                  str(out / MODEL_DIR), "--data", str(data)], env=env, capture_output=True, text=True)
-        with open(out.with_suffix(".log"), "a") as log:
+        with open(log_path, "a") as log:
             log.write(scored.stdout + scored.stderr)
         score = parse_score_output(scored.stdout)
         result.update(status=score.status, reason=score.reason, val_bpb=score.val_bpb, unigram_bpb=score.unigram_bpb,
@@ -253,15 +256,21 @@ def bench_quality(args: argparse.Namespace) -> None:
         order = list(enumerate(args.train))
         for i, train in order if r % 2 == 0 else order[::-1]:  # neither file always runs first
             slug = re.sub(r"[^\w.-]", "_", names[i])  # folders by file, not by position: calls add up
-            result = harness_run(program, Path(train), Path(args.data), out / f"{slug}-seed{seed}",
-                                 out / f"cache-{slug}")
+            run_dir = out / f"{slug}-seed{seed}"
+            for n in itertools.count(2):  # a rerun of a seed, in this call or an earlier one
+                if not run_dir.exists():
+                    break
+                run_dir = out / f"{slug}-seed{seed}-{n}"
+            result = harness_run(program, Path(train), Path(args.data), run_dir, out / f"cache-{slug}")
             row = {"train": names[i], "path": str(train), "seed": seed, "status": result["status"],
                    "val_bpb": result["val_bpb"], "num_steps": result["num_steps"],
-                   "tokens_per_s": result["tokens_per_s"], "epochs": result["epochs"]}
+                   "tokens_per_s": result["tokens_per_s"], "epochs": result["epochs"],
+                   "loss_spike": result.get("loss_spike")}
             with open(rows_file, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"seed {seed}, {names[i]}: {result['status']}, val_bpb {_f(result['val_bpb'], 1, '.4f')}, "
-                  f"{result['num_steps']} steps", flush=True)
+                  f"{result['num_steps']} steps, {_f(result.get('tokens_per_s'), 1e-6, '.3f')} M tokens/s, "
+                  f"largest loss spike {spike_text(result.get('loss_spike'))}", flush=True)
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     print("\n".join(quality_summary(rows)))
     print(f"(all {len(rows)} runs in {rows_file})")
@@ -314,6 +323,9 @@ def quality_summary(rows: list[dict]) -> list[str]:
     row("val_bpb min / max", lambda n: " / ".join(_f(f(runs[n], default=None), 1, ".4f") for f in (min, max)))
     row("steps mean", lambda n: _f(_mean([r["num_steps"] for r in rows if r["train"] == n
                                           and r["status"] == "ok"]), 1, ".0f"))
+    row("largest loss spike (x)", lambda n: _f(max((r["loss_spike"]["ratio"] for r in rows if r["train"] == n
+                                                    and r["status"] == "ok" and r.get("loss_spike")), default=None),
+                                               1, ".2f"))
     row("epochs mean", lambda n: _f(_mean([r["epochs"] for r in rows if r["train"] == n and r["status"] == "ok"
                                            and r.get("epochs") is not None]), 1, ".2f"))  # rows of older runs lack it
     base = scores[names[0]]

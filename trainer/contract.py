@@ -67,6 +67,15 @@ class StepSeconds(_Result):
     p90: float
 
 
+class LossSpike(_Result):
+    """The run's largest training loss against the median of the 50 steps before it, over the steps
+    after the 40th (trainer.run.largest_spike): near 1 is a smooth run; 1.5 or more is a loss spike."""
+
+    step: int
+    loss: float
+    ratio: float
+
+
 class TrainResult(_Result):
     """The train phase's result.json. Written by the harness inside the agent's process, so it is
     taken for training figures only: no score comes from it unless the program opted into
@@ -87,6 +96,7 @@ class TrainResult(_Result):
     num_params: int = 0
     tokens_per_s: float | None = None
     step_seconds: StepSeconds | None = None
+    loss_spike: LossSpike | None = None
     gpu_uuid: str | None = None
     traceback_tail: str | None = None
     val_bpb: float | None = None
@@ -140,5 +150,5 @@ def parse_score_output(text: str) -> ScoreResult:
 
 
 __all__ = ["ARTIFACT", "ARTIFACT_FILES", "CACHE", "DATA", "IN_PROCESS_ARGV", "MODEL_DIR", "OUT", "PROGRAM_TOML", "RESULT_FILE",
-           "SCORE_ARGV", "SCORE_MARKER", "TRAIN_ARGV", "TRAIN_PY", "VAL_FILES", "ContractError", "ScoreResult",
+           "SCORE_ARGV", "SCORE_MARKER", "TRAIN_ARGV", "TRAIN_PY", "VAL_FILES", "ContractError", "LossSpike", "ScoreResult",
            "TrainResult", "base_env", "parse_score_output", "parse_train_result"]

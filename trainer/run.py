@@ -124,6 +124,25 @@ def measure(run: api.Run, device, result: dict) -> None:
         deciles = statistics.quantiles(run.step_seconds, n=10)
         result["step_seconds"] = {"p10": round(deciles[0], 4), "p50": round(deciles[4], 4),
                                   "p90": round(deciles[8], 4)}
+    result["loss_spike"] = largest_spike(run.losses)
+
+
+SPIKE_AFTER_STEP, SPIKE_WINDOW = 40, 50
+
+
+def largest_spike(losses: list[float]) -> dict | None:
+    """The step (1-based) whose loss stands highest over the median of the SPIKE_WINDOW steps before
+    it, among the steps after SPIKE_AFTER_STEP; None for a run that short. Early losses fall fast, so
+    the first steps are no baseline."""
+    best = None
+    for i in range(SPIKE_AFTER_STEP, len(losses)):
+        median = statistics.median(losses[max(0, i - SPIKE_WINDOW):i])
+        if median <= 0:
+            continue
+        ratio = losses[i] / median
+        if best is None or ratio > best["ratio"]:
+            best = {"step": i + 1, "loss": round(losses[i], 4), "ratio": round(ratio, 3)}
+    return best
 
 
 def autocast_of(program: ProgramConfig, device):
@@ -203,11 +222,18 @@ def summary(result: dict) -> str:
         f"total_tokens_M:   {result['total_tokens'] / 1e6:.1f}",
         f"epochs:           {fmt(result['epochs'], '.2f')}",
         f"num_steps:        {result['num_steps']}",
+        f"loss_spike:       {spike_text(result.get('loss_spike'))}",
         f"num_params_M:     {result['num_params'] / 1e6:.1f}",
     ]
     if result["reason"]:
         lines.append(f"reason:           {result['reason']}")
     return "\n".join(lines)
+
+
+def spike_text(spike: dict | None) -> str:
+    if not spike:
+        return "-"
+    return f"{spike['ratio']:.2f}x the running median (loss {spike['loss']:.3f} at step {spike['step']})"
 
 
 def execute(program_path: Path, train_path: Path, data_dir: Path, out_dir: Path, val_stdin: bool = False) -> dict:
