@@ -110,7 +110,7 @@ def test_gpt_climbmix_windows_on_cudnn_train_like_the_dense_mask(tmp_path, tiny_
 def test_gpt_climbmix_fused_mlp_trains_like_pytorch(tmp_path, tiny_data):
     """trainer.ops' ReLU² MLP in Triton kernels (the square and its derivative in matmul epilogues,
     each after rounding the sum to bf16 as cuBLAS does) trains the same model as the plain PyTorch
-    MLP: the first two losses are equal (the rounding makes its output and gradients bit-identical
+    MLP: the first two losses agree to the log's 6 decimals (the rounding makes its output and gradients bit-identical
     at these shapes and the baseline's, checked on an H100). Scaled down to two layers of width 256
     (hidden 1024); 200-token rows, so the 1,600 rows of a micro-batch end in a part-filled tile of
     128."""
@@ -127,7 +127,10 @@ def test_gpt_climbmix_fused_mlp_trains_like_pytorch(tmp_path, tiny_data):
                                        "" if fused else "import trainer.kernels; trainer.kernels.triton = None; ")
     print(f"losses of steps 1 and 2: fused {runs[True]}, PyTorch {runs[False]}")
     assert None not in runs[True] + runs[False]
-    assert runs[True] == runs[False]  # the forward pass, then after one update the backward too
+    assert runs[True][0] == runs[False][0]  # the forward pass
+    # after one update, the backward too: the progress log rounds a loss to 6 decimals, so two losses
+    # 1e-7 apart can print one digit apart (6.619012 and 6.619013 on an H200, issue 20)
+    assert runs[True][1] == pytest.approx(runs[False][1], rel=0, abs=1.01e-6)  # one unit of the last digit
 
 
 def climbmix_model(vocab: int, seq_len: int, **constants) -> torch.nn.Module:
