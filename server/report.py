@@ -33,8 +33,21 @@ def table(lab: Lab) -> str:
     return "\n".join(parts) if len(parts) > 1 else parts[0] + "no runs yet\n"
 
 
-def plot(lab: Lab, out: Path) -> Path:
-    """Write the progress plot of all agents to `out` (PNG)."""
+NO_POSITION = ("cancelled", "interrupted", "infra-error", "queued", "running")
+"""Runs that were not an experiment of the agent's (stopped, or failed by the sandbox): no x position."""
+
+
+def experiments(lab: Lab, agent: str) -> list[tuple[int, RunRecord]]:
+    """The agent's experiments numbered 1, 2, ... as the plot places them: a confirm rerun belongs to
+    its parent's experiment, and a run stopped before it was one takes no number."""
+    runs = sorted((r for r in lab.ledger.runs(agent=agent) if r.role != "confirm" and r.status not in NO_POSITION),
+                  key=lambda r: r.seq)
+    return list(enumerate(runs, 1))
+
+
+def draw(lab: Lab):
+    """The progress figure of all agents (matplotlib): each agent's discarded runs as dots, its kept
+    ones and the running best as a step line inside its noise band; only what is drawn is in the legend."""
     import matplotlib  # noqa: PLC0415 - only the report needs it
 
     matplotlib.use("Agg")
@@ -43,24 +56,24 @@ def plot(lab: Lab, out: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
     margin = lab.noise().margin()
-    for agent in agents(lab):  # a confirm rerun belongs to its parent's experiment: no x position of its own
-        runs: list[RunRecord] = sorted((r for r in lab.ledger.runs(agent=agent) if r.role != "confirm"),
-                                       key=lambda r: r.seq)
-        done = [(i, r) for i, r in enumerate(runs, 1) if r.val_bpb is not None]
+    for agent in agents(lab):
+        numbered = experiments(lab, agent)
+        done = [(i, r) for i, r in numbered if r.val_bpb is not None]
         if not done:
             continue
-        xs, ys = [i for i, _ in done], [r.val_bpb for _, r in done]
-        ax.scatter(xs, ys, s=14, color="lightgray", zorder=2, label="discarded" if not ax.collections else None)
+        last = numbered[-1][0]
+        discarded = [(i, r.val_bpb) for i, r in done if not r.kept]
+        if discarded:
+            ax.scatter([i for i, _ in discarded], [v for _, v in discarded], s=14, color="lightgray", zorder=2,
+                       label="discarded" if "discarded" not in ax.get_legend_handles_labels()[1] else None)
         kept = [(i, r.val_bpb) for i, r in done if r.kept]
-        line = ax.step([i for i, _ in kept] + [len(runs)], [v for _, v in kept] + [kept[-1][1]], where="post",
-                       label=f"{agent} best", zorder=3) if kept else None
-        color = line[0].get_color() if line else None
-        if kept and margin > 0:
-            xs_band = [i for i, _ in kept] + [len(runs)]
-            ys_band = [v for _, v in kept] + [kept[-1][1]]
-            ax.fill_between(xs_band, [y - margin for y in ys_band], [y + margin for y in ys_band], step="post",
-                            color=color, alpha=0.12, zorder=1, label=f"{agent} best ± margin ({margin:.4f})")
-        ax.scatter([i for i, _ in kept], [v for _, v in kept], s=36, color=color, zorder=4, label=f"{agent} kept")
+        if kept:
+            xs, ys = [i for i, _ in kept] + [last], [v for _, v in kept] + [kept[-1][1]]
+            color = ax.step(xs, ys, where="post", label=f"{agent} best", zorder=3)[0].get_color()
+            if margin > 0:
+                ax.fill_between(xs, [y - margin for y in ys], [y + margin for y in ys], step="post", color=color,
+                                alpha=0.12, zorder=1, label=f"{agent} best ± margin ({margin:.4f})")
+            ax.scatter([i for i, _ in kept], [v for _, v in kept], s=36, color=color, zorder=4, label=f"{agent} kept")
         unverified = [(i, r.val_bpb) for i, r in done if r.verified is False]
         if unverified:  # scored in train.py's own process: drawn hollow, named in the legend
             ax.scatter([i for i, _ in unverified], [v for _, v in unverified], s=90, facecolors="none",
@@ -73,6 +86,14 @@ def plot(lab: Lab, out: Path) -> Path:
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot(lab: Lab, out: Path) -> Path:
+    """Write the progress plot of all agents to `out` (PNG)."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig = draw(lab)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)
