@@ -185,7 +185,8 @@ class Experiments:
         run_id = pending.record.run_id
 
         def on_position(ahead: int) -> None:
-            pending.show(f"queued: waiting for a run slot, {ahead} run(s) ahead")
+            pending.show("queued: waiting for a run slot: " + (
+                "every slot is busy and this run is next" if ahead == 0 else f"{ahead} run(s) ahead of this one"))
 
         def on_progress(p: dict[str, Any]) -> None:
             pending.show("running: " + progress_line(p))

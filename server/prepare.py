@@ -25,19 +25,28 @@ logger = log.get("prepare")
 
 
 class _Lines:
-    """A tqdm bar for a step of unknown length: counts output lines, shows the latest one."""
+    """A step of unknown length: on a terminal a tqdm bar that counts output lines and shows the latest
+    one; elsewhere (a log file, CI) each line as it comes, so a log holds lines rather than one long
+    line of redrawn bars."""
 
     def __init__(self, what: str) -> None:
-        self.bar = tqdm(desc=what, unit=" lines", file=sys.stderr, dynamic_ncols=True, leave=True)
+        self.what = what
+        self.bar = tqdm(desc=what, unit=" lines", file=sys.stderr, dynamic_ncols=True, leave=True) \
+            if sys.stderr.isatty() else None
 
     def __call__(self, line: str) -> None:
         line = line.rstrip()
-        if line:
+        if not line:
+            return
+        if self.bar is None:
+            print(f"{self.what}: {line}", file=sys.stderr, flush=True)
+        else:
             self.bar.update(1)
             self.bar.set_postfix_str(line[-80:], refresh=True)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def open_or_create(root: Path, program: str, *, backend: str | None, image: str | None, runtime: str | None,

@@ -139,8 +139,11 @@ async def test_two_agents_share_one_cpu_slot(make_lab, tiny_data, lab_containers
             tg.start_soon(run, "alice", alice)
             tg.start_soon(run, "bob", bob)
         assert {r["status"] for r in results.values()} == {"ok"}
-        waited = [name for name, ms in messages.items() if any("run(s) ahead" in (m or "") for m in ms)]
-        assert waited, messages  # the second in line was told it was queued for the slot
+        waited = [name for name, ms in messages.items()
+                  if any("queued: waiting for a run slot: every slot is busy and this run is next" in (m or "")
+                         for m in ms)]
+        assert waited, messages  # the second in line was told it was queued for the slot, and next
+        assert not any("0 run(s)" in (m or "") for ms in messages.values() for m in ms)
         assert "alice's idea" not in (await bob.call_tool("read_train", {})).structured_content["text"]
         assert "alice's idea" in (await alice.call_tool("read_train", {})).structured_content["text"]
         bob_runs = (await bob.call_tool("list_experiments", {})).structured_content["runs"]
