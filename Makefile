@@ -4,8 +4,11 @@
 PY      := .venv/bin/python
 CLI     := .venv/bin/autoresearch-mcp
 LAB     ?= .labs/demo
-# torch is pinned to the CPU build: an unpinned torch pulls several GB of CUDA.
-TORCH   ?= torch==2.13.0
+# torch is pinned to the CPU build (~190 MB): PyPI's torch is the CUDA build (several GB with its
+# CUDA packages). It comes from pip's own wheelhouses and indexes when they hold it (CI's machine),
+# else from PyTorch's CPU wheel index.
+TORCH       ?= torch==2.13.0+cpu
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: demo test image venv
 
@@ -13,7 +16,10 @@ venv: .venv/.installed
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)" -e '.[trainer,dev]'
+	@echo "installing $(TORCH) and the project's packages into .venv (a few minutes on a first run)"
+	$(PY) -m pip install --progress-bar on "$(TORCH)" 2>/dev/null \
+	  || $(PY) -m pip install --progress-bar on --extra-index-url $(TORCH_INDEX) "$(TORCH)"
+	$(PY) -m pip install --progress-bar on -e '.[trainer,dev]'
 	touch $@
 
 image: venv

@@ -40,7 +40,10 @@ PUBLIC_BASES: dict[str, str] = {
 LOCAL_BASE = "autoresearch-base:bookworm"  # made by debootstrap when no registry answers
 # the Python of each default base (bookworm: 3.11, ubuntu 24.04: 3.12): offline wheels must match it
 PYTHON_VERSIONS: dict[str, str] = {"cpu": "3.11", "gpu": "3.12"}
-TORCH_SPEC = "torch==2.13.0"
+TORCH_SPECS: dict[str, str] = {"cpu": "torch==2.13.0+cpu", "gpu": "torch==2.13.0"}
+"""The CPU image takes PyTorch's CPU build (~190 MB, no CUDA); PyPI's torch is the CUDA build."""
+CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+"""Where the CPU build lives; asked only when the wheel is in no local wheelhouse or index of pip's."""
 DEFAULT_WHEELHOUSE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "autoresearch-mcp" / "wheels"
 LABEL_INPUTS = "autoresearch-mcp.image-inputs"
 LABEL_FLAVOR = "autoresearch-mcp.image-flavor"
@@ -177,7 +180,14 @@ def download_wheelhouse(
         cmd += ["--only-binary=:all:", "--python-version", python_version]
         for plat in ("manylinux_2_28", "manylinux_2_17", "manylinux2014"):
             cmd += ["--platform", f"{plat}_{arch}"]
-    _stream_cmd(cmd + requirements, on_progress, "pip download")
+    try:
+        _stream_cmd(cmd + requirements, on_progress, "pip download")
+    except ImageBuildError:
+        if not any("+cpu" in r for r in requirements):
+            raise
+        # not in pip's own indexes or wheelhouses (an ordinary machine): PyTorch's CPU wheel index
+        _say(on_progress, f"torch's CPU build is not in pip's indexes here; asking {CPU_TORCH_INDEX}")
+        _stream_cmd(cmd + ["--extra-index-url", CPU_TORCH_INDEX] + requirements, on_progress, "pip download")
     stamp.write_text(wanted)
     return dest
 
@@ -221,7 +231,7 @@ def build_image(
     base: str | None = None,
     offline: bool | None = None,
     wheelhouse: Path | None = None,
-    torch_spec: str = TORCH_SPEC,
+    torch_spec: str | None = None,
     pip_flags: str = "",
     only_if_stale: bool = False,
     python_version: str | None = None,
@@ -241,6 +251,7 @@ def build_image(
     c = _client(client)
     tag = tag or DEFAULT_TAGS[flavor]
     offline = (flavor == "cpu") if offline is None else offline
+    torch_spec = torch_spec or TORCH_SPECS[flavor]
     base = base or resolve_base(flavor, c, on_progress)
     buildargs = {"BASE_IMAGE": base, "TORCH_SPEC": torch_spec, "PIP_FLAGS": pip_flags}
     if flavor == "cpu":

@@ -7,6 +7,7 @@ experiment from the shell, and report.
     autoresearch-mcp run --lab .labs/demo --agent demo --description baseline
     autoresearch-mcp calibrate --lab .labs/demo --seeds 3    # the noise a keep must beat
     autoresearch-mcp report --lab .labs/demo
+    autoresearch-mcp dashboard --lab .labs/demo              # the lab in a browser, read-only
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="print results.tsv of each agent and write progress.png")
     _lab_arg(p)
     p.add_argument("--out", type=Path, help="PNG path (default LAB/progress.png)")
+    p = sub.add_parser("dashboard", help="serve a live, read-only web page of the lab")
+    _lab_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8765)
     return ap
 
 

@@ -89,7 +89,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     url = f"http://{args.host}:{args.port}"
     app = build_server(args.lab, tokens_file=args.tokens, url=url).streamable_http_app(host=args.host)
-    logger.info("http_serving", url=f"{url}/mcp")
+    from starlette.routing import Mount  # noqa: PLC0415
+
+    from server.app import load_tokens  # noqa: PLC0415
+    from server.dashboard import build_app  # noqa: PLC0415
+
+    app.router.routes.append(Mount("/", app=build_app(args.lab, tokens=load_tokens(args.tokens))))  # after /mcp
+    logger.info("http_serving", url=f"{url}/mcp", dashboard=f"{url}/")
     # On SIGTERM/SIGINT uvicorn waits this long for requests in flight, then drops them; their runs go
     # on under their supervisors (a client's cancel is the only thing that stops one).
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
@@ -163,6 +169,20 @@ async def cmd_calibrate(args: argparse.Namespace) -> int:
     print(calibration.model_dump_json(indent=2))
     values = ", ".join(f"{r.val_bpb:.6f} (seed {r.seed})" for r in calibration.runs)
     print(f"σ = {calibration.sigma:.6f} over {len(calibration.runs)} seeds: {values}\n{noise.rule()}", file=sys.stderr)
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    import uvicorn  # noqa: PLC0415
+
+    from server.dashboard import build_app  # noqa: PLC0415
+
+    try:
+        app = build_app(args.lab)
+    except FileNotFoundError as e:
+        raise InvalidArgumentError(str(e)) from e
+    print(f"dashboard of {args.lab}: http://{args.host}:{args.port}/ (read-only; Ctrl-C stops it)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 

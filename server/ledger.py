@@ -83,15 +83,22 @@ RECORD_PATIENCE_S = 900.0  # a run's result
 class Ledger:
     """SQLite access for one lab. All methods are short and safe to call from the event loop."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, read_only: bool = False) -> None:
+        """read_only: a reader that never writes (the dashboard): no schema, no columns added, and
+        SQLite refuses any write on this connection."""
         self.path = path
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, timeout=BUSY_S, isolation_level=None, check_same_thread=False)
+        if read_only:
+            self._db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_S,
+                                       isolation_level=None, check_same_thread=False)
+        else:
+            self._db = sqlite3.connect(path, timeout=BUSY_S, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
-        self._add_columns()
+        if not read_only:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+            self._add_columns()
         self.owner_pid = os.getpid()
         self.owner_start = process_start(self.owner_pid) or "?"
 

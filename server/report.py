@@ -37,12 +37,11 @@ NO_POSITION = ("cancelled", "interrupted", "infra-error", "queued", "running")
 """Runs that were not an experiment of the agent's (stopped, or failed by the sandbox): no x position."""
 
 
-def experiments(lab: Lab, agent: str) -> list[tuple[int, RunRecord]]:
-    """The agent's experiments numbered 1, 2, ... as the plot places them: a confirm rerun belongs to
+def experiments(runs: list[RunRecord]) -> list[tuple[int, RunRecord]]:
+    """One agent's experiments numbered 1, 2, ... as the plot places them: a confirm rerun belongs to
     its parent's experiment, and a run stopped before it was one takes no number."""
-    runs = sorted((r for r in lab.ledger.runs(agent=agent) if r.role != "confirm" and r.status not in NO_POSITION),
-                  key=lambda r: r.seq)
-    return list(enumerate(runs, 1))
+    return list(enumerate(sorted((r for r in runs if r.role != "confirm" and r.status not in NO_POSITION),
+                                 key=lambda r: r.seq), 1))
 
 
 def draw(lab: Lab):
@@ -57,7 +56,7 @@ def draw(lab: Lab):
     fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
     margin = lab.noise().margin()
     for agent in agents(lab):
-        numbered = experiments(lab, agent)
+        numbered = experiments(lab.ledger.runs(agent=agent))
         done = [(i, r) for i, r in numbered if r.val_bpb is not None]
         if not done:
             continue

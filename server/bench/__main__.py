@@ -8,6 +8,9 @@
           and the confirm reruns' cost (a simulation through server.noise.decide; no runs)
 
 Prints one JSON object per part and a summary; exits 1 when any check fails.
+
+`python -m server.bench dashboard [--runs 1000]`: the dashboard's answer times for a lab of that many
+runs (server/bench/dashboard.py).
 """
 
 from __future__ import annotations
@@ -35,11 +38,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--faults", help="comma-separated fault names to stage (default: all)")
     p.add_argument("--image", default="autoresearch-sandbox:cpu", help="the sandbox image of the docker faults")
     p.add_argument("--work", type=Path, help="keep the labs here (default: a temporary folder, removed)")
+    p = sub.add_parser("dashboard", help="the dashboard's answer times for a big lab")
+    p.add_argument("--runs", type=int, default=1000)
     args = ap.parse_args(argv)
 
     from server import log  # noqa: PLC0415
 
     log.configure()
+    if args.cmd == "dashboard":
+        from server.bench.dashboard import run_dashboard_bench  # noqa: PLC0415
+
+        with tempfile.TemporaryDirectory(prefix="autoresearch-bench-") as tmp:
+            report = run_dashboard_bench(Path(tmp), args.runs)
+        print(json.dumps(report))
+        return 0 if all(report["checks"].values()) else 1
     size = {k: getattr(args, k, None) or v for k, v in SIZES[args.size].items()}
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     with tempfile.TemporaryDirectory(prefix="autoresearch-bench-") as tmp:

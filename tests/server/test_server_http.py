@@ -79,6 +79,23 @@ async def test_requests_without_a_valid_token_get_401(http_server, headers):
     assert "Bearer" in r.headers.get("www-authenticate", "")
 
 
+@pytest.mark.anyio
+async def test_the_dashboard_beside_the_tools_needs_a_token(http_lab):
+    root, proc, url = http_lab
+    base = url.removesuffix("/mcp")
+    for path in ("/", "/api/lab", "/static/dashboard.js", "/runs/alice-0001"):
+        r = httpx.get(base + path)
+        assert r.status_code == 401 and "token needed" in r.text, path
+    assert httpx.get(base + "/", headers={"Authorization": "Bearer wrong-token-0123456789abcdef"}).status_code == 401
+    r = httpx.get(base + "/api/lab", headers={"Authorization": "Bearer alice-token-0123456789abcdef"})
+    assert r.status_code == 200 and r.json()["runs"] == []
+    with httpx.Client(base_url=base) as browser:  # a browser's first visit: ?token= sets a cookie
+        first = browser.get("/?token=bob-token-0123456789abcdef", follow_redirects=True)
+        assert first.status_code == 200 and "Leaderboard" in first.text and "token" not in str(first.url)
+        assert browser.get("/api/lab").status_code == 200
+        assert browser.get("/runs/nobody-0001").status_code == 404
+
+
 async def test_two_tokens_are_two_agents(http_server):
     async with agent_client(http_server, "alice-token-0123456789abcdef") as alice, \
             agent_client(http_server, "bob-token-0123456789abcdef") as bob:

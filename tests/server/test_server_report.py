@@ -17,7 +17,7 @@ def test_stopped_runs_take_no_x_position_and_the_legend_names_only_what_is_drawn
     rec = ledger.create_run("bob", "nothing kept yet", None)  # bob: one discarded run, no best
     ledger.finish(rec.run_id, "ok", val_bpb=2.5, kept=False, decision="discard")
 
-    numbered = [(i, r.run_id) for i, r in report.experiments(lab, "alice")]
+    numbered = [(i, r.run_id) for i, r in report.experiments(lab.ledger.runs(agent="alice"))]
     assert numbered == [(1, ids[0]), (2, ids[2]), (3, ids[4]), (4, ids[5])]  # the crash counts, stops do not
 
     fig = report.draw(lab)
