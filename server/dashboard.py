@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from server.lab import run_log_lines
 from server.ledger import Ledger
 from server.models import CALIBRATION_AGENT, LIVE_STATUSES, RunRecord
 from server.report import experiments
@@ -100,12 +101,7 @@ class LabView:
         return self.repo.commit(rec.commit).message if rec.commit else ""
 
     def log_tail(self, rec: RunRecord) -> str:
-        lines: list[str] = []
-        for name, banner in (("log.txt", None), ("score-log.txt", "--- score phase (trusted scorer) ---")):
-            path = self.root / "runs" / rec.run_id / name
-            if path.is_file():
-                lines += ([banner] if banner else []) + path.read_text(encoding="utf-8", errors="replace").splitlines()
-        return "\n".join(lines[-LOG_TAIL_LINES:])
+        return "\n".join(run_log_lines(self.root / "runs" / rec.run_id)[-LOG_TAIL_LINES:])
 
 
 def row(r: RunRecord) -> dict[str, Any]:

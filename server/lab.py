@@ -292,11 +292,7 @@ class Lab:
         if not 1 <= lines <= 2000:
             raise InvalidArgumentError(f"lines must be between 1 and 2000, not {lines}")
         rec = self.own_run(agent, run_id)
-        all_lines = []
-        for name, banner in (("log.txt", None), ("score-log.txt", "--- score phase (trusted scorer) ---")):
-            path = self.run_dir(run_id) / name
-            if path.exists():
-                all_lines += ([banner] if banner else []) + path.read_text(encoding="utf-8", errors="replace").splitlines()
+        all_lines = run_log_lines(self.run_dir(run_id))
         text = "\n".join(all_lines[-lines:])
         clean = printable(text, TAIL_CHARS)  # the raw log stays on disk
         return LogText(run_id=run_id, status=rec.status, text=clean,
@@ -348,3 +344,13 @@ def read_results(path: Path) -> list[dict[str, str]]:
 
 
 __all__ = ["Lab", "create_lab", "check_agent", "program_dir", "write_results_row", "read_results", "TRAIN"]
+
+
+def run_log_lines(run_dir: Path) -> list[str]:
+    """A run's log as lines: the train phase's, then the score phase's under a banner."""
+    lines: list[str] = []
+    for name, banner in (("log.txt", None), ("score-log.txt", "--- score phase (trusted scorer) ---")):
+        path = run_dir / name
+        if path.is_file():
+            lines += ([banner] if banner else []) + path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return lines
