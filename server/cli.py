@@ -35,6 +35,9 @@ def _lab_arg(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="autoresearch-mcp", description=__doc__.split("\n\n")[0])
     ap.add_argument("--log-level", default=os.environ.get("AUTORESEARCH_LOG_LEVEL", "INFO"))
+    ap.add_argument("--log-stderr", action="store_true",
+                    help="log lines to stderr; without it, commands other than serve append them to "
+                         "LAB/logs/cli.log (JSON), and the terminal shows only the command's output")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="serve the MCP tools (stdio by default)")
@@ -94,7 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    log.configure(args.log_level.upper())
+    lab = getattr(args, "lab", None)
+    if args.command == "serve" or args.log_stderr or lab is None:
+        log.configure(args.log_level.upper())  # serve: its host (Claude Code, a terminal) reads stderr
+    else:
+        log.configure(args.log_level.upper(), file=lab / "logs" / "cli.log")
     from server import commands  # noqa: PLC0415 - keeps --help fast
 
     handler = getattr(commands, "cmd_" + args.command.replace("-", "_"))
