@@ -62,10 +62,16 @@ class TokenFileVerifier:
         self.tokens = load_tokens(path)
 
     async def verify_token(self, token: str) -> AccessToken | None:
-        for known, agent in self.tokens.items():
-            if hmac.compare_digest(known.encode(), token.encode()):
-                return AccessToken(token=token, client_id=agent, scopes=["agent"])
-        return None
+        agent = agent_of_token(self.tokens, token)
+        return AccessToken(token=token, client_id=agent, scopes=["agent"]) if agent else None
+
+
+def agent_of_token(tokens: dict[str, str], token: str | None) -> str | None:
+    """The agent whose token this is (compared in constant time), or None."""
+    for known, agent in tokens.items():
+        if token and hmac.compare_digest(known.encode(), token.encode()):
+            return agent
+    return None
 
 
 def load_tokens(path: Path) -> dict[str, str]:

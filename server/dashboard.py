@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hmac
 import html
 import re
 from pathlib import Path
@@ -28,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from server.app import agent_of_token
 from server.lab import run_log_lines
 from server.ledger import Ledger
 from server.models import CALIBRATION_AGENT, LIVE_STATUSES, RunRecord
@@ -65,11 +65,11 @@ class LabView:
             calibration = self.ledger.calibration()
         except Exception:  # a lab from before calibrations has no such table
             calibration = None
+        by_agent = {agent: [r for r in runs if r.agent == agent] for agent in agents}
         board = []
-        for agent in agents:
+        for agent, mine in by_agent.items():
             best, base = self.ledger.best(agent), self.ledger.baseline(agent)
             base = base if base is not None and base.val_bpb is not None else None
-            mine = [r for r in runs if r.agent == agent]
             board.append({
                 "agent": agent, "best": best.val_bpb if best else None, "best_run": best.run_id if best else None,
                 "baseline": base.val_bpb if base else None,
@@ -78,7 +78,7 @@ class LabView:
             })
         board.sort(key=lambda b: (b["best"] is None, b["best"] or 0.0))
         series = {agent: [{"x": i, "val_bpb": r.val_bpb, "kept": r.kept, "status": r.status, "run_id": r.run_id}
-                          for i, r in experiments([x for x in runs if x.agent == agent])] for agent in agents}
+                          for i, r in experiments(mine)] for agent, mine in by_agent.items()}
         live = [{**row(r), "progress": read_status(self.root / "runs" / r.run_id)}
                 for r in runs if r.status in LIVE_STATUSES]
         return {"sigma": calibration.sigma if calibration else None, "leaderboard": board, "series": series,
@@ -150,7 +150,7 @@ def guarded(tokens: dict[str, str], handler):
     that cookie later. Anyone else gets 401 and how to get in."""
 
     def known(token: str | None) -> bool:
-        return bool(token) and any(hmac.compare_digest(t.encode(), token.encode()) for t in tokens)
+        return agent_of_token(tokens, token) is not None
 
     async def guard(request: Request) -> Response:
         header = request.headers.get("authorization", "")
