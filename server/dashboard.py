@@ -194,7 +194,8 @@ def build_app(root: Path, tokens: dict[str, str] | None = None) -> Starlette:
         if rec is None:
             return not_found(f"no run {run_id!r} in this lab")
         figures = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(figure(k, v))}</td></tr>"
-                          for k, v in rec.model_dump().items() if k not in ("owner_pid", "owner_start"))
+                          for k, v in rec.model_dump().items()
+                          if k not in ("owner_pid", "owner_start") and v not in (None, ""))  # unmeasured: no row
         return page(rec.run_id, (
             f"<p><a href='/'>the lab</a></p><h1>{html.escape(rec.run_id)}: {html.escape(rec.status)}</h1>"
             f"<p class='description'>{html.escape(rec.description)}</p>"

@@ -35,7 +35,7 @@ def seed_lab(lab: Lab) -> dict[str, str]:
     (worktree / "train.py").write_text(text + "\n# alice: a wider model " + HOSTILE + "\n")
     wt = git.Repo(worktree)
     wt.git.add("train.py")
-    wt.git.commit("-m", "alice: wider\n\nRun-Id: alice-0007\nVal-BPB: 2.050000\nStatus: keep")
+    wt.git.commit("-m", "alice: wider\n\nRun-Id: alice-0007\nVal-BPB: 2.560000\nStatus: discard")
     commit = wt.head.commit.hexsha
     ids = {}
     for k, agent in enumerate(AGENTS):
@@ -100,6 +100,7 @@ def test_the_dashboard_answers_escapes_and_refuses_what_is_not_there(served):
     page = httpx.get(f"{url}/runs/{ids['alice-7']}").text
     assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page  # escaped, every time
     assert "a wider model" in page and "Run-Id: alice-0007" in page and "the end of the log" in page
+    assert "<th>val_bpb</th><td>2.56</td>" in page and "<th>gpu</th>" not in page  # no rows for unmeasured figures
     for bad in ("/runs/nobody-0001", "/runs/..%2F..%2Fledger.sqlite", "/static/..%2Fdashboard.py",
                 "/static/../../ledger.sqlite", "/runs/%2e%2e", "/nothing/here", "/static/dashboard.py"):
         r = httpx.get(url + bad)
