@@ -21,11 +21,13 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from sandbox.config import DEFAULT_STATE_DIR
 from sandbox.errors import LeaseError
+from sandbox.models import Limits
 
 PositionCallback = Callable[[int], object]
 
@@ -51,6 +53,8 @@ class Lease:
     gpu: str | None  # device id to pass to the backend; None for a CPU slot
     waited_s: float = 0.0
     index: int = 0  # the slot's place in the pool (which share of the host's cores it gets)
+    runner: Any = None  # the Backend that runs specs on this lease (a cluster node's); None: the lab's
+    limits: Limits | None = None  # the lease's share of its host, where the pool knows it (a cluster node)
 
 
 def discover_gpus(timeout_s: float = 15.0) -> list[str]:

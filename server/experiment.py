@@ -192,7 +192,7 @@ class Experiments:
             pending.show("running: " + progress_line(p))
 
         async with self.pool.acquire(on_position=on_position, holder=run_id) as lease:
-            self.lab.ledger.mark_running(run_id, lease.gpu)
+            self.lab.ledger.mark_running(run_id, lease.gpu, lease.slot)
             pending.show("running: starting the sandbox")
             return await self.phases.run(run_id, pending.record.agent, pending.snapshot, lease, pending.show,
                                          on_progress, seed=pending.record.seed)

@@ -67,7 +67,7 @@ CREATE TABLE IF NOT EXISTS calibrations (
 ADDED_COLUMNS = {"epochs": "REAL", "verified": "INTEGER", "startup_seconds": "REAL", "train_phase_seconds": "REAL",
                  "score_phase_seconds": "REAL", "seed": "INTEGER", "code_hash": "TEXT", "role": "TEXT",
                  "parent": "TEXT", "sigma": "REAL", "z": "REAL", "significant": "INTEGER", "mean_val_bpb": "REAL",
-                 "seeds_in_mean": "INTEGER", "confirm_runs": "TEXT"}
+                 "seeds_in_mean": "INTEGER", "confirm_runs": "TEXT", "slot": "TEXT"}
 CREATE_FIELDS = frozenset({"seed", "code_hash", "role", "parent"})
 FINISH_FIELDS = frozenset(
     {"decision", "val_bpb", "delta", "kept", "commit", "training_seconds", "total_seconds",
@@ -167,10 +167,11 @@ class Ledger:
 
         return self.get(self._write(START_PATIENCE_S, insert))
 
-    def mark_running(self, run_id: str, gpu: str | None) -> None:
+    def mark_running(self, run_id: str, gpu: str | None, slot: str | None = None) -> None:
+        """The run holds its lease: on `slot` (cpu-0, gpu-1, or a cluster node's node/slot), GPU `gpu`."""
         self._write(RECORD_PATIENCE_S, lambda: self._db.execute(
-            "UPDATE runs SET status = 'running', started_at = ?, gpu = ? WHERE run_id = ? AND status = 'queued'",
-            (time.time(), gpu, run_id)))
+            "UPDATE runs SET status = 'running', started_at = ?, gpu = ?, slot = ? WHERE run_id = ? AND status = 'queued'",
+            (time.time(), gpu, slot, run_id)))
 
     def finish(self, run_id: str, status: str, **fields: Any) -> bool:
         """Give a live row its final status and fields. False if it was already final (never twice)."""

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from sandbox.config import BackendConfig, DockerBackendConfig
+from sandbox.cluster import ClusterConfig
 from sandbox.gpus import PoolConfig
 
 AGENT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
@@ -52,6 +53,9 @@ class LabConfig(BaseModel):
     pool: PoolConfig = Field(default_factory=PoolConfig)
     """The host-wide run slots (one per GPU, or CPU slots): every server on the host must share its
     state_dir so that leases stay exclusive."""
+    cluster: ClusterConfig | None = None
+    """A Ray cluster to run on instead of this host's slot pool (sandbox.cluster): `backend` is then
+    what runs on each node, and Ray's resources are the leases."""
     memory_gb: float | None = Field(default=None, gt=0)
     """Each run's memory cap in GB (RAM, no swap); None: the run's share of this host (85 % of its
     memory over the slots)."""
@@ -109,6 +113,8 @@ class RunRecord(BaseModel):
     num_steps: int | None = None
     epochs: float | None = None
     gpu: str | None = None
+    slot: str | None = None
+    """The slot its lease held: cpu-0, gpu-1, or on a cluster its node's name and slot (worker-1/slot)."""
     detail: str | None = None
     owner_pid: int
     owner_start: str

@@ -102,7 +102,7 @@ class Phases:
         self.lab, self.backend, self.image, self.slots = lab, backend, image, slots
 
     def limits(self, lease: Lease) -> Limits:
-        limits = host_share(self.slots, lease.index)
+        limits = lease.limits or host_share(self.slots, lease.index)
         if self.lab.config.memory_gb is not None:
             limits = limits.model_copy(update={"memory_gb": self.lab.config.memory_gb})
         return limits
@@ -177,7 +177,8 @@ class Phases:
         logger.info("train_phase_started", run_id=run_id, gpu=lease.gpu, cores=spec.limits.cpuset,
                     deadline_s=spec.deadline_s)
         t0 = time.monotonic()
-        outcome = await self.backend.run(spec, progress)
+        backend = lease.runner or self.backend  # a cluster lease runs on its node
+        outcome = await backend.run(spec, progress)
         timing = dict(train_phase_s=round(time.monotonic() - t0, 3),
                       startup_s=round(clock[0] - t0, 3) if clock else None)
         train, attempt = self._train_attempt(spec, outcome, timing)
@@ -198,7 +199,7 @@ class Phases:
         on_status("scoring: the exported model, in a separate container")
         score_spec = self.score_spec(run_id, agent, lease)
         t1 = time.monotonic()
-        scored = await self.backend.run(score_spec)
+        scored = await backend.run(score_spec)
         timing["score_phase_s"] = round(time.monotonic() - t1, 3)
         return self._score_attempt(score_spec, scored, train, timing)
 

@@ -20,10 +20,18 @@ logger = log.get("runtime")
 
 
 def make_runtime(lab: Lab) -> tuple[Backend, SlotPool]:
-    """The sandbox backend and the host-wide slot pool for this lab's config."""
+    """The sandbox backend and the host-wide slot pool for this lab's config; on a cluster lab, the
+    cluster's backend and its Ray leases (each lease runs the lab's backend on its node)."""
     from sandbox import gpus  # noqa: PLC0415
     from sandbox.config import make_backend  # noqa: PLC0415
 
+    if lab.config.cluster is not None:
+        from sandbox.cluster import ClusterBackend, RayPool  # noqa: PLC0415
+
+        backend: Backend = ClusterBackend(lab.config.cluster, lab.config.backend)
+        backend.check()  # reachable, with slots: say so now, not at the first run
+        return backend, RayPool(lab.config.cluster, lab.config.backend, lab.data_dir,  # type: ignore[return-value]
+                                lab.root / "logs" / "data-digests.json")
     backend = make_backend(lab.config.backend)
     backend.check()  # engine, image, runtime: say what is missing now, not at the first run
     pool = gpus.SlotPool(lab.config.pool)
