@@ -313,23 +313,27 @@ def connect(config: ClusterConfig) -> None:
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import logging  # noqa: PLC0415
-    import concurrent.futures  # noqa: PLC0415
+    import threading  # noqa: PLC0415
 
-    def init() -> None:
-        ray.init(address=config.address, namespace=config.namespace, logging_level=logging.ERROR,
-                 log_to_driver=False, configure_logging=True)
+    failed: list[BaseException] = []
 
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    try:
-        pool.submit(init).result(timeout=config.connect_timeout_s)
-    except concurrent.futures.TimeoutError:
+    def init() -> None:  # on a daemon thread: ray.init to a dead address retries for minutes
+        try:
+            ray.init(address=config.address, namespace=config.namespace, logging_level=logging.ERROR,
+                     log_to_driver=False)
+        except BaseException as e:  # noqa: BLE001 - ray raises ConnectionError, RuntimeError, ...
+            failed.append(e)
+
+    thread = threading.Thread(target=init, name="ray-connect", daemon=True)
+    thread.start()
+    thread.join(config.connect_timeout_s)
+    if thread.is_alive():
         raise ClusterUnavailableError(f"the Ray cluster at {config.address} did not answer within "
-                                      f"{config.connect_timeout_s:g} s; is `ray start --head` running there?") from None
-    except Exception as e:  # noqa: BLE001 - ray raises ConnectionError, RuntimeError, ...
+                                      f"{config.connect_timeout_s:g} s; is `ray start --head` running there?")
+    if failed:
+        e = failed[0]
         raise ClusterUnavailableError(f"cannot reach the Ray cluster at {config.address}: {type(e).__name__}: "
-                                      f"{str(e)[:300]}") from None
-    finally:
-        pool.shutdown(wait=False)
+                                      f"{str(e)[:300]}")
 
 
 def nodes() -> list[dict]:
@@ -381,6 +385,8 @@ class RemoteRunner(Backend):
                     await finish_despite_cancel(asyncio.ensure_future(asyncio.wait_for(pump, CANCEL_WAIT_S)))
                 except (TimeoutError, Exception):  # noqa: BLE001 - the lease's end kills the actor anyway
                     pass
+            raise
+        except SpecError:
             raise
         except Exception as e:  # noqa: BLE001 - the node or the actor died: the sandbox failed
             return RunOutcome(run_id=spec.run_id, status="infra-error", exit_code=None, log_path=spec.log_path,

@@ -78,6 +78,48 @@ def _slots(lab) -> Check:  # noqa: ANN001 - a Lab
                  "a cuda program needs GPU slots: check nvidia-smi, or list them in lab.json's pool.gpus")
 
 
+def _cluster(lab) -> list[Check]:  # noqa: ANN001 - a Lab
+    """A cluster lab: the cluster reachable, and each node's slots, GPUs, backend (engine, image) and
+    copy of the lab's data, checked on the node itself."""
+    from sandbox import cluster  # noqa: PLC0415
+
+    config = lab.config.cluster
+    try:
+        cluster.connect(config)
+        nodes = cluster.nodes()
+    except Exception as e:  # noqa: BLE001
+        return [Check("ray cluster", False, str(e), f"start it (`ray start --head` there), or fix cluster.address in "
+                      f"{lab.root / 'lab.json'}")]
+    alive = [n for n in nodes if n["Alive"]]
+    dead = [n.get("NodeName") or n["NodeID"][:12] for n in nodes if not n["Alive"]]
+    checks = [Check("ray cluster", bool(alive), f"{config.address}: {len(alive)} node(s) alive"
+                    + (f"; lost: {', '.join(dead)}" if dead else ""), "start nodes with `ray start --address`")]
+    data_dir = str(config.data_dir or lab.data_dir.resolve())
+    expected = cluster.data_digests(lab.data_dir.resolve(), lab.root / "logs" / "data-digests.json")
+    reports = cluster.on_each_node(cluster.node_report, lab.config.backend.model_dump(mode="json"), data_dir,
+                                   expected, str(config.node_root))
+    slots_total = 0
+    for n in alive:
+        name = n.get("NodeName") or n["NodeID"][:12]
+        res = n["Resources"]
+        slots, gpus = int(res.get(config.slot_resource, 0)), int(res.get("GPU", 0))
+        slots_total += slots
+        report = reports.get(name)
+        what = f"{n['NodeManagerAddress']}, {slots} slot(s), {gpus} GPU(s)"
+        if not isinstance(report, dict):
+            checks.append(Check(f"node {name}", False, f"{what}; could not check it: {report}",
+                                "install autoresearch-mcp[ray] on the node, with the same Python"))
+            continue
+        problems = [p for p in (report["backend"], report["data"]) if p]
+        checks.append(Check(f"node {name}", not problems, what + ("; " + "; ".join(problems) if problems else
+                            f"; {lab.config.backend.type} backend ready, the lab's data present"),
+                            "on that node: build the image (autoresearch-mcp build-image) and put the lab's "
+                            f"prepared data in {data_dir}", required=bool(slots)))
+    checks.append(Check("run slots", slots_total > 0, f"{slots_total} on the cluster ({config.slot_resource})",
+                        f"start nodes with --resources '{{\"{config.slot_resource}\": N}}'"))
+    return checks
+
+
 def doctor(root: Path) -> int:
     from server.lab import Lab  # noqa: PLC0415
 
@@ -85,21 +127,26 @@ def doctor(root: Path) -> int:
     lab = None
     if (root / "lab.json").is_file():
         lab = Lab(root)
-        checks.append(Check("lab", True, f"{root} (program {lab.config.program}, backend {lab.config.backend.type})"))
+        where = f", on the Ray cluster at {lab.config.cluster.address}" if lab.config.cluster else ""
+        checks.append(Check("lab", True, f"{root} (program {lab.config.program}, backend {lab.config.backend.type}{where})"))
     else:
         checks.append(Check("lab", False, f"{root} is not a lab",
                             f"autoresearch-mcp prepare tiny-stdlib --lab {root}   (or gpt-climbmix on a GPU host)"))
     try:
         docker_cfg = lab.config.backend if lab and isinstance(lab.config.backend, DockerBackendConfig) else None
-        if lab is None or docker_cfg is not None:
+        on_cluster = lab is not None and lab.config.cluster is not None
+        if (lab is None or docker_cfg is not None) and not on_cluster:  # a cluster's nodes are checked there
             needs_gpu = lab is not None and lab.program().device == "cuda"
             checks += _docker(docker_cfg.image if docker_cfg else DockerBackendConfig().image, needs_gpu)
         if lab is not None:
             meta = lab.data_dir / "meta.json"
             checks.append(Check("prepared data", meta.is_file(), str(lab.data_dir),
                                 f"autoresearch-mcp prepare {lab.config.program} --lab {root}"))
-            checks.append(_gpus(needed=lab.program().device == "cuda"))
-            checks.append(_slots(lab))
+            if on_cluster:
+                checks += _cluster(lab)
+            else:
+                checks.append(_gpus(needed=lab.program().device == "cuda"))
+                checks.append(_slots(lab))
             info = lab.noise_info()
             checks.append(Check("noise", info.sigma is not None,
                                 f"σ = {info.sigma:.6f} over {len(info.calibration_runs)} seeds" if info.sigma is not None

@@ -11,6 +11,9 @@ Prints one JSON object per part and a summary; exits 1 when any check fails.
 
 `python -m server.bench dashboard [--runs 1000]`: the dashboard's answer times for a lab of that many
 runs (server/bench/dashboard.py).
+
+`python -m server.bench cluster [--agents 3 --runs 4 --budget-s 5]`: the same runs on one host and on a
+Ray cluster on this machine (in a network namespace): scheduling overhead and wall times (issue 21).
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="keep the labs here (default: a temporary folder, removed)")
     p = sub.add_parser("dashboard", help="the dashboard's answer times for a big lab")
     p.add_argument("--runs", type=int, default=1000)
+    p = sub.add_parser("cluster", help="runs on one host against the same runs on a Ray cluster")
+    p.add_argument("--agents", type=int, default=3)
+    p.add_argument("--runs", type=int, default=4, help="runs per agent")
+    p.add_argument("--budget-s", type=float, default=5.0)
+    p.add_argument("--image", default="autoresearch-sandbox:cpu")
     args = ap.parse_args(argv)
 
     from server import log  # noqa: PLC0415
@@ -50,6 +58,14 @@ def main(argv: list[str] | None = None) -> int:
 
         with tempfile.TemporaryDirectory(prefix="autoresearch-bench-") as tmp:
             report = run_dashboard_bench(Path(tmp), args.runs)
+        print(json.dumps(report))
+        return 0 if all(report["checks"].values()) else 1
+    if args.cmd == "cluster":
+        from server.bench.cluster import run_cluster_bench  # noqa: PLC0415
+
+        with tempfile.TemporaryDirectory(prefix="autoresearch-bench-") as tmp:
+            Path(tmp).chmod(0o755)
+            report = run_cluster_bench(Path(tmp), args.image, args.agents, args.runs, args.budget_s)
         print(json.dumps(report))
         return 0 if all(report["checks"].values()) else 1
     size = {k: getattr(args, k, None) or v for k, v in SIZES[args.size].items()}

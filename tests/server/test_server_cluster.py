@@ -7,10 +7,8 @@ hardened containers on this host's engine, reached through its socket."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,105 +18,22 @@ import anyio
 import pytest
 from server_helpers import ledger_rows, open_dir, wait_until
 
+from server.bench.cluster import NODES, PORT, NetnsCluster
 from server.lab import Lab
 from server.runs import Runs
 
 pytestmark = [pytest.mark.anyio, pytest.mark.docker]
 
-RAY = Path(sys.executable).with_name("ray")
-NODES = {"head": 1, "worker-1": 1, "worker-2": 1}  # one run slot each: a node is a slot
-PORT = 6379  # inside the namespace: no other cluster can be there
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        raise OSError(ctypes.get_errno(), "setns")
-
-
-class Cluster:
-    """The namespace and its Ray nodes, started with the `ray` CLI as an admin would."""
-
-    def __init__(self, temp: Path) -> None:
-        self.ns, self.temp = f"artest-{os.getpid()}", temp
-        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-        subprocess.run(["ip", "netns", "add", self.ns], check=True)
-        self.exec("ip", "link", "set", "lo", "up")
-
-    def exec(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(["ip", "netns", "exec", self.ns, *argv], check=check, capture_output=True, text=True,
-                              env=self.env, timeout=120)
-
-    def start(self, name: str) -> None:
-        where = ["--head", f"--port={PORT}", "--include-dashboard=false", f"--temp-dir={self.temp}"] \
-            if name == "head" else [f"--address=127.0.0.1:{PORT}"]
-        self.exec(str(RAY), "start", *where, "--node-ip-address=127.0.0.1", f"--node-name={name}", "--num-cpus=1",
-                  f"--resources={json.dumps({'autoresearch_slot': NODES[name]})}", "--disable-usage-stats")
-
-    def raylet(self, name: str) -> int | None:
-        for proc in Path("/proc").iterdir():
-            try:
-                argv = (proc / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if argv and argv[0].endswith(b"/raylet") and f"--node-name={name}".encode() in argv:
-                return int(proc.name)
-        return None
-
-    def kill(self, name: str) -> None:
-        """SIGKILL a node's raylet and every process under it (its workers, its agents)."""
-        root = self.raylet(name)
-        assert root is not None, f"no raylet of {name}"
-        family, found = {root}, True
-        while found:
-            found = False
-            for proc in Path("/proc").iterdir():
-                try:
-                    ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                except (OSError, ValueError, IndexError):
-                    continue
-                if ppid in family and int(proc.name) not in family:
-                    family.add(int(proc.name))
-                    found = True
-        for pid in family:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    def listeners(self) -> list[tuple[str, str]]:
-        """(local address, process) of every TCP listener in the namespace."""
-        out = self.exec("ss", "-ltnpH").stdout
-        return [(line.split()[3], line.split()[-1]) for line in out.splitlines() if line.strip()]
-
-    def on_host(self, *argv: str) -> str:
-        """argv's output, run from the host's own network namespace."""
-        _setns(self.own)
-        try:
-            return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-        finally:
-            _setns(self.inside)
-
-    def close(self) -> None:
-        self.exec(str(RAY), "stop", "--force", check=False)
-        subprocess.run(["ip", "netns", "del", self.ns], check=False)
-
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("ray"))
-    own = c.own = os.open("/proc/self/ns/net", os.O_RDONLY)
-    inside = c.inside = os.open(f"/var/run/netns/{c.ns}", os.O_RDONLY)
+    c = NetnsCluster(tmp_path_factory.mktemp("ray"))
     try:
         for name in NODES:
             c.start(name)
-        _setns(inside)  # this thread (and what it starts: supervisors, drivers) is in the namespace
+        c.enter()
         yield c
     finally:
-        _setns(own)
-        os.close(own)
-        os.close(inside)
         c.close()
 
 
@@ -225,3 +140,25 @@ async def test_a_cancel_reaches_the_remote_container(cluster_lab, lab_containers
         assert gone_s < 5
     finally:
         lab.close()
+
+
+async def test_doctor_checks_each_node_and_an_unreachable_cluster_is_said(cluster_lab, make_lab, tiny_data, tmp_path):
+    root = cluster_lab()
+    done = subprocess.run([sys.executable, "-m", "server.cli", "doctor", "--lab", str(root)], capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in NODES:
+        assert f"[ok ] node {name}: 127.0.0.1, 1 slot(s), 0 GPU(s); docker backend ready, the lab's data present" \
+            in done.stdout, done.stdout
+    assert "[ok ] run slots: 3 on the cluster" in done.stdout
+    gone = make_lab(name="unreachable", backend="docker", data_dir=open_dir(tiny_data), cluster={
+        "address": "127.0.0.1:1", "connect_timeout_s": 5, "node_root": str(tmp_path / "nodes")})
+    done = subprocess.run([sys.executable, "-m", "server.cli", "doctor", "--lab", str(gone)], capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 1 and "[MISSING] ray cluster:" in done.stdout, done.stdout
+    lab = Lab(gone)
+    try:
+        result = await Runs(lab).run("alice", "no cluster")
+    finally:
+        lab.close()
+    assert result.status == "infra-error" and "Ray cluster at 127.0.0.1:1" in (result.reason or ""), result
