@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from sandbox.base import Backend, ProgressCallback, finish_despite_cancel
 from sandbox.config import DEFAULT_STATE_DIR, BackendConfig
 from sandbox.errors import LeaseError, SandboxError, SpecError
-from sandbox.gpus import Lease
+from sandbox.gpus import Lease, uuid_of
 from sandbox.models import Limits, Mount, Reaped, RunOutcome, RunSpec
 from sandbox.runio import open_regular
 
@@ -143,6 +143,7 @@ class NodeSide:
         slots = max(1, int(node.get("Resources", {}).get(slot_resource, 1)))
         gpus = [str(g) for g in ray.get_gpu_ids()]
         self.gpu = gpus[0] if gpus else None
+        self.gpu_uuid = uuid_of(self.gpu)
         host_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
         cores = len(os.sched_getaffinity(0))
         self.limits = Limits(memory_gb=min(Limits().memory_gb, round(0.85 * host_gb / slots, 1)),
@@ -152,6 +153,7 @@ class NodeSide:
     def info(self) -> dict:
         slot = f"{self.node_name}/gpu-{self.gpu}" if self.gpu is not None else f"{self.node_name}/slot"
         return {"node_id": self.node_id, "node_name": self.node_name, "address": self.address, "gpu": self.gpu,
+                "gpu_uuid": self.gpu_uuid,
                 "slot": slot, "pid": os.getpid(), "problem": self.problem, "reaped": self.reaped,
                 "limits": self.limits.model_dump(mode="json")}
 
@@ -571,6 +573,7 @@ class RayPool:
                                  f"prepare the lab's data there, or set the lab's cluster.data_dir to a path every "
                                  f"node shares")
             yield Lease(slot=info["slot"], gpu=info["gpu"], waited_s=time.monotonic() - t0,
-                        runner=RemoteRunner(actor, info, self.data_dir), limits=Limits.model_validate(info["limits"]))
+                        runner=RemoteRunner(actor, info, self.data_dir), limits=Limits.model_validate(info["limits"]),
+                        gpu_uuid=info["gpu_uuid"])
         finally:
             ray.kill(actor, no_restart=True)

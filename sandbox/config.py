@@ -27,6 +27,15 @@ class DockerBackendConfig(BaseModel):
                                          "(the image's sandbox user) when the caller is root.")
     base_url: str | None = Field(default=None,
                                  description="Docker engine URL; None: DOCKER_HOST or the local socket.")
+    gpu_mode: Literal["auto", "toolkit", "devices"] = Field(
+        default="auto", description="How a run gets its leased GPU: toolkit (the NVIDIA Container Toolkit's "
+        "DeviceRequest), devices (its device node and the driver's libraries passed by hand, for hosts without "
+        "the toolkit), auto: toolkit where the engine has it, else devices (sandbox.nvidia).")
+    driver_lib_dir: Path | None = Field(default=None, description="The folder of the driver's user-space "
+                                        "libraries (libcuda.so.1) for the devices mode; None: the usual folders.")
+    nvidia_dev_dir: Path = Field(default=Path("/dev"), description="Where the host's NVIDIA device nodes are.")
+    nvidia_proc_dir: Path = Field(default=Path("/proc/driver/nvidia/gpus"),
+                                  description="Where the driver lists its GPUs (UUID, device minor).")
 
 
 class LocalBackendConfig(BaseModel):

@@ -27,6 +27,7 @@ from sandbox.errors import ContainerError, EngineUnavailableError, ImageNotFound
 from sandbox.hardening import (LABEL_DEADLINE, LABEL_OWNER_HOST, LABEL_OWNER_PID, LABEL_OWNER_START,
                                LABEL_PROJECT, LABEL_RUN_ID, container_kwargs)
 from sandbox.models import Reaped, RunOutcome, RunSpec, RunStatus
+from sandbox.nvidia import GpuAccess, choose_mode, devices_for
 from sandbox.reaper import current_owner, judge
 from sandbox.runio import (CappedLog, DiskWatch, ProgressFollower, make_outcome, stream_files,
                            writable_folders)
@@ -68,6 +69,30 @@ class DockerBackend(Backend):
             raise SpecError(f"runtime {self.config.runtime!r} is not installed in the engine "
                             f"(have: {sorted(runtimes)}); install it or unset `runtime`")
 
+    def gpu_mode(self) -> tuple[str | None, str]:
+        """Which way this engine and host give a run its GPU, and why (sandbox.nvidia)."""
+        try:
+            runtimes = self.client.info().get("Runtimes", {})
+        except docker.errors.DockerException as e:
+            raise EngineUnavailableError(f"the Docker engine does not answer: {e}") from e
+        return choose_mode(runtimes, self.config.nvidia_dev_dir, self.config.nvidia_proc_dir, self.config.gpu_mode)
+
+    def _gpu_access(self, spec: RunSpec) -> GpuAccess | None:
+        """None for a CPU run or the toolkit's way; the nodes and libraries of the devices mode;
+        SpecError (nothing started) when the host cannot give the run its GPU."""
+        if spec.gpu is None:
+            return None
+        mode, why = self.gpu_mode()
+        if mode is None:
+            raise SpecError(f"this run leased GPU {spec.gpu}, but {why}")
+        if mode == "toolkit":
+            return None
+        try:
+            return devices_for(spec.gpu, self.config.nvidia_dev_dir, self.config.driver_lib_dir,
+                               self.config.nvidia_proc_dir)
+        except (LookupError, ValueError) as e:
+            raise SpecError(f"this run leased GPU {spec.gpu}, but {e}") from None
+
     def _prepare(self, spec: RunSpec) -> None:
         """Check the mounts and make the writable folders writable by the container user."""
         for m in spec.mounts:
@@ -94,7 +119,7 @@ class DockerBackend(Backend):
         runlog = CappedLog(spec.log_path, spec.limits.log_cap_bytes)
         follower = ProgressFollower(spec.output_dir / "progress.jsonl", on_progress)
         kwargs = container_kwargs(spec, user=self.user, owner=self.owner, runtime=self.config.runtime,
-                                  deadline_unix=time.time() + spec.deadline_s)
+                                  deadline_unix=time.time() + spec.deadline_s, gpu_access=self._gpu_access(spec))
         t0 = time.monotonic()
         start = in_thread(self._start, kwargs, spec.stdin)
         follow_task: asyncio.Task | None = None

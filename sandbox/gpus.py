@@ -55,6 +55,22 @@ class Lease:
     index: int = 0  # the slot's place in the pool (which share of the host's cores it gets)
     runner: Any = None  # the Backend that runs specs on this lease (a cluster node's); None: the lab's
     limits: Limits | None = None  # the lease's share of its host, where the pool knows it (a cluster node)
+    gpu_uuid: str | None = None  # the leased GPU's UUID where the driver lists it: a GPU run must report it
+
+
+def uuid_of(gpu: str | None, proc: Path | None = None) -> str | None:
+    """The UUID of the GPU a lease names (an index or a UUID) on this host, from the driver's
+    listing; None for a CPU slot or where the driver does not list it."""
+    if gpu is None:
+        return None
+    if gpu.upper().startswith("GPU-"):
+        return gpu
+    from sandbox.nvidia import PROC_GPUS, find_gpu  # noqa: PLC0415
+
+    try:
+        return find_gpu(gpu, proc or PROC_GPUS).uuid
+    except LookupError:
+        return None
 
 
 def discover_gpus(timeout_s: float = 15.0) -> list[str]:
@@ -234,6 +250,7 @@ class SlotPool:
             _unlock(ticket_fd)
         fd, slot, gpu = got
         try:
-            yield Lease(slot=slot, gpu=gpu, waited_s=time.monotonic() - t0, index=[s for s, _ in self.slots].index(slot))
+            yield Lease(slot=slot, gpu=gpu, waited_s=time.monotonic() - t0, index=[s for s, _ in self.slots].index(slot),
+                        gpu_uuid=uuid_of(gpu))
         finally:
             _unlock(fd)

@@ -16,6 +16,7 @@ from typing import Any
 from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 
 from sandbox.models import LABEL_PREFIX, OUTPUT_TARGET, RunSpec
+from sandbox.nvidia import LIB_TARGET, GpuAccess
 
 PROJECT = "autoresearch-mcp"
 LABEL_PROJECT = LABEL_PREFIX + "project"  # the marker the reaper and the tests filter on
@@ -52,6 +53,7 @@ def container_kwargs(
     owner: Owner,
     deadline_unix: float,
     runtime: str | None = None,
+    gpu_access: GpuAccess | None = None,
 ) -> dict[str, Any]:
     """The keyword arguments for docker-py `containers.run` that start `spec` hardened.
 
@@ -108,7 +110,13 @@ def container_kwargs(
         kwargs["nano_cpus"] = int(lim.cpus * 1e9)
     if lim.cpuset is not None:
         kwargs["cpuset_cpus"] = lim.cpuset
-    if spec.gpu is not None:
+    if spec.gpu is not None and gpu_access is not None:  # no toolkit: the GPU's nodes and the driver's libraries
+        kwargs["devices"] = list(gpu_access.devices)
+        mounts += [Mount(target=f"{LIB_TARGET}/{lib.name}", source=str(lib), type="bind", read_only=True)
+                   for lib in gpu_access.libs]
+        path = kwargs["environment"].get("LD_LIBRARY_PATH")
+        kwargs["environment"]["LD_LIBRARY_PATH"] = LIB_TARGET + (f":{path}" if path else "")
+    elif spec.gpu is not None:
         # device_ids, never count=N: count=1 always means GPU 0, whatever was leased
         kwargs["device_requests"] = [DeviceRequest(device_ids=[spec.gpu], capabilities=[["gpu"]])]
     if runtime:

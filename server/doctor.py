@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sandbox.config import DockerBackendConfig
+from sandbox.nvidia import choose_mode
 
 
 @dataclass
@@ -22,7 +23,7 @@ class Check:
     required: bool = True
 
 
-def _docker(image: str | None, needs_gpu: bool = False) -> list[Check]:
+def _docker(config: DockerBackendConfig, needs_gpu: bool = False) -> list[Check]:
     try:
         import docker  # noqa: PLC0415
 
@@ -33,11 +34,19 @@ def _docker(image: str | None, needs_gpu: bool = False) -> list[Check]:
         return [Check("docker engine", False, f"not reachable: {e}",
                       "start it: `sudo systemctl start docker` (or `sudo dockerd &`); install: docker.io / docker-ce")]
     checks = [Check("docker engine", True, f"version {info.get('ServerVersion', '?')}")]
-    runtimes = sorted(info.get("Runtimes", {}))
-    has_nvidia = "nvidia" in runtimes or any("nvidia" in str(v) for v in info.get("CDISpecDirs", []) or [])
-    checks.append(Check("nvidia container runtime", has_nvidia, f"runtimes: {', '.join(runtimes)}",
-                        "install the NVIDIA Container Toolkit, then `sudo nvidia-ctk runtime configure --runtime=docker "
-                        "&& sudo systemctl restart docker`", required=needs_gpu))
+    mode, why = choose_mode(info.get("Runtimes", {}), config.nvidia_dev_dir, config.nvidia_proc_dir, config.gpu_mode)
+    checks.append(Check("GPU access", mode is not None, f"{mode}: {why}" if mode else why,
+                        "install the NVIDIA driver; then either nothing more (the devices mode) or the NVIDIA "
+                        "Container Toolkit and `sudo nvidia-ctk runtime configure --runtime=docker && sudo systemctl "
+                        "restart docker`", required=needs_gpu))
+    security = info.get("SecurityOptions") or []
+    seccomp = next((opt for opt in security if "name=seccomp" in opt), None)
+    checks.append(Check("seccomp", seccomp is not None and "profile=unconfined" not in seccomp,
+                        seccomp or "the engine applies no seccomp profile: runs go without a syscall filter "
+                        f"(security options: {', '.join(security) or 'none'})",
+                        "a kernel with CONFIG_SECCOMP and an engine built with seccomp (Debian's docker.io is)",
+                        required=False))
+    image = config.image
     if image:
         try:
             client.images.get(image)
@@ -137,7 +146,8 @@ def doctor(root: Path) -> int:
         on_cluster = lab is not None and lab.config.cluster is not None
         if (lab is None or docker_cfg is not None) and not on_cluster:  # a cluster's nodes are checked there
             needs_gpu = lab is not None and lab.program().device == "cuda"
-            checks += _docker(docker_cfg.image if docker_cfg else DockerBackendConfig().image, needs_gpu)
+            config = docker_cfg or DockerBackendConfig()
+            checks += _docker(config, needs_gpu)
         if lab is not None:
             meta = lab.data_dir / "meta.json"
             checks.append(Check("prepared data", meta.is_file(), str(lab.data_dir),

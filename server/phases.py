@@ -95,6 +95,15 @@ def host_share(slots: int, index: int = 0) -> Limits:
     return Limits(memory_gb=memory_gb, cpuset=",".join(map(str, cores[index * per:(index + 1) * per])))
 
 
+def gpu_mismatch(leased: str | None, seen: str | None) -> str | None:
+    """Why a run that saw GPU `seen` did not run on its lease's GPU `leased` (both UUIDs), or None.
+    A run that reports none (a CPU program, or a host whose driver does not list its GPUs) passes."""
+    if leased is None or seen is None or leased.lower() == seen.lower():
+        return None
+    return (f"the run saw GPU {seen}, but its lease is GPU {leased}: the sandbox did not give it its own GPU "
+            "(a host problem, not the code's)")
+
+
 class Phases:
     """Builds and runs the two phases of a lab's experiments on a backend."""
 
@@ -185,6 +194,9 @@ class Phases:
         if attempt is not None:
             return attempt
         assert train is not None
+        wrong = gpu_mismatch(lease.gpu_uuid, train.gpu_uuid)
+        if wrong:
+            return Attempt(status="infra-error", reason=wrong, train=train, log_tail=outcome.log_tail, **timing)
         refused = self._time_check(program.budget_s, timing, reference)
         if refused:
             return Attempt(status="invalid", reason=refused, train=train, log_tail=outcome.log_tail, **timing)

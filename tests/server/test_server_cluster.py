@@ -162,3 +162,29 @@ async def test_doctor_checks_each_node_and_an_unreachable_cluster_is_said(cluste
     finally:
         lab.close()
     assert result.status == "infra-error" and "Ray cluster at 127.0.0.1:1" in (result.reason or ""), result
+
+
+async def test_a_run_waits_in_ray_s_queue_when_every_slot_is_busy(cluster_lab):
+    root = cluster_lab(budget_s=15)
+    lab = Lab(root)
+    runs = Runs(lab)
+    try:
+        agents = ("alice", "bob", "carol", "dave")
+        started = [await runs.start(a, f"{a}'s run") for a in agents]
+        lines: dict[str, set] = {r.run_id: set() for r in started}
+
+        def all_done() -> bool:
+            for r in started:
+                line = runs.progress_of(r.run_id)
+                if line:
+                    lines[r.run_id].add(line)
+            return all(runs.progress_of(r.run_id) is None for r in started)
+
+        await wait_until(all_done, 300, "the four runs to finish", poll_s=0.1)
+    finally:
+        lab.close()
+    rows = ledger_rows(root)
+    assert [r.status for r in rows] == ["ok"] * 4, [(r.run_id, r.status, r.detail) for r in rows]
+    waited = [run_id for run_id, seen in lines.items()
+              if "queued: waiting for a run slot: every slot is busy and this run is next" in seen]
+    assert len(waited) >= 1, lines  # three slots, four runs: one waited in Ray's queue and was told so

@@ -265,3 +265,16 @@ def test_needles_differ_between_splits(tiny_data):
     va, vb = needle(tiny_data, "val", avoid=tiny_data / "train.bin")
     assert bytes.fromhex(va + vb) not in (tiny_data / "train.bin").read_bytes()
     assert np.frombuffer(bytes.fromhex(va + vb), dtype=np.uint8).size == 64
+
+
+def test_a_gpu_run_must_have_seen_its_lease_s_gpu():
+    from sandbox.gpus import uuid_of  # noqa: PLC0415
+    from server.phases import gpu_mismatch  # noqa: PLC0415
+
+    lease = "GPU-244e2aef-a1e5-bf0f-393e-2ab668d83d24"
+    assert gpu_mismatch(lease, lease.upper()) is None and gpu_mismatch(None, lease) is None
+    assert gpu_mismatch(lease, None) is None  # a CPU program on a GPU slot reports none
+    said = gpu_mismatch(lease, "GPU-00000000-0000-0000-0000-000000000000")
+    assert said and lease in said and "GPU-00000000" in said
+    assert uuid_of(lease) == lease and uuid_of(None) is None
+    assert uuid_of("0") is None  # this host's driver lists no GPU
