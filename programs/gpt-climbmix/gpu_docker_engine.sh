@@ -19,8 +19,8 @@ case ${1:-} in
         x/usr/sbin/runc x/usr/sbin/docker-proxy bin/
      cp x/usr/bin/tini-static bin/docker-init
      # the libraries the binaries link beyond glibc (the GPU host's own glibc serves the rest)
-     for b in bin/*; do ldd "$b" 2>/dev/null | awk '/=>/ {print $3}'; done | sort -u \
-       | grep -vE 'libc\.so|libpthread|libdl\.so|libm\.so|librt\.so|ld-linux' | xargs -r -I{} cp -L {} lib/
+     for b in bin/*; do ldd "$b" 2>/dev/null | awk '/=>/ {print $3}' || true; done | sort -u \
+       | { grep -vE 'libc\.so|libpthread|libdl\.so|libm\.so|librt\.so|ld-linux' || true; } | xargs -r -I{} cp -L {} lib/
      tar -cf - bin lib | xz -T0 -6 > "$out")
     rm -rf "$work"; ls -l "$out";;
   start)
