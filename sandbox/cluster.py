@@ -18,6 +18,7 @@ with this package installed there too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -202,7 +203,7 @@ class NodeSide:
             follow.cancel()
             if not task.done():  # the caller went away: the run goes too
                 task.cancel()
-                with _suppress_all():
+                with contextlib.suppress(BaseException):
                     await task
             self.tasks.pop(spec.run_id, None)
             shutil.rmtree(folder, ignore_errors=True)
@@ -266,14 +267,6 @@ class NodeSide:
                     chunk = f.read(min(size - offset, LOG_CHUNK))
                 offset += len(chunk)
                 queue.put_nowait(("log", chunk))
-
-
-class _suppress_all:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return True
 
 
 def _read_file(path: Path) -> bytes:
@@ -432,6 +425,11 @@ class RemoteRunner(Backend):
         return None
 
 
+def _no_slots(config: ClusterConfig) -> str:
+    return (f"no node of the Ray cluster at {config.address} offers the slot resource {config.slot_resource!r}; "
+            f"start nodes with --resources '{{\"{config.slot_resource}\": N}}'")
+
+
 class ClusterBackend(Backend):
     """The lab's backend when it runs on a cluster: runs go through leases (RayPool); this one
     checks the cluster and reaps on every node."""
@@ -448,9 +446,7 @@ class ClusterBackend(Backend):
         connect(self.config)
         alive = [n for n in nodes() if n["Alive"]]
         if not any(n["Resources"].get(self.config.slot_resource, 0) >= 1 for n in alive):
-            raise ClusterUnavailableError(
-                f"no node of the Ray cluster at {self.config.address} offers the slot resource "
-                f"{self.config.slot_resource!r}; start nodes with --resources '{{\"{self.config.slot_resource}\": N}}'")
+            raise ClusterUnavailableError(_no_slots(self.config))
 
     def reap(self) -> list[Reaped]:
         connect(self.config)
@@ -540,9 +536,7 @@ class RayPool:
         connect(self.config)
         cluster = ray.cluster_resources()
         if cluster.get(self.config.slot_resource, 0) < 1:
-            raise LeaseError(f"no node of the Ray cluster at {self.config.address} offers the slot resource "
-                             f"{self.config.slot_resource!r} now; start nodes with "
-                             f"--resources '{{\"{self.config.slot_resource}\": N}}'")
+            raise LeaseError(_no_slots(self.config))
         expected = await asyncio.to_thread(data_digests, self.data_dir, self.digest_cache)
         t0 = time.monotonic()
         name = f"{LEASE_PREFIX}{time.time_ns():020d}-{holder}"

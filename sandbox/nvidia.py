@@ -100,14 +100,15 @@ def choose_mode(runtimes: dict, dev_dir: Path = Path("/dev"), proc: Path = PROC_
                 wanted: str = "auto") -> tuple[GpuMode | None, str]:
     """Which way this host can give a container a GPU, and why; (None, why) when neither works."""
     toolkit = "nvidia" in runtimes
-    devices = (dev_dir / "nvidiactl").exists() and bool(gpus(proc))
+    listed = gpus(proc)
+    devices = (dev_dir / "nvidiactl").exists() and bool(listed)
     if wanted == "toolkit" or (wanted == "auto" and toolkit):
         if toolkit:
             return "toolkit", "the engine has the NVIDIA runtime (the Container Toolkit): a DeviceRequest per run"
         return None, "gpu_mode is 'toolkit' but the engine has no NVIDIA runtime (install the NVIDIA Container Toolkit)"
     if devices:
         return "devices", (f"no NVIDIA runtime in the engine; the driver is loaded ({dev_dir / 'nvidiactl'}, "
-                           f"{len(gpus(proc))} GPU(s) in {proc}): each run gets its GPU's device node and the "
+                           f"{len(listed)} GPU(s) in {proc}): each run gets its GPU's device node and the "
                            "driver's libraries, read-only")
     why = "the engine has no NVIDIA runtime (the Container Toolkit)" if not toolkit else ""
     return None, (f"{why + ' and ' if why else ''}this host has no NVIDIA device nodes ({dev_dir / 'nvidiactl'}) "
