@@ -47,7 +47,8 @@ class LocalBackendConfig(BaseModel):
     python: Path | None = Field(default=None,
                                 description="Interpreter that replaces argv[0] 'python3'; None: this one.")
     pythonpath: list[Path] = Field(default_factory=list,
-                                   description="Prepended to PYTHONPATH; empty: the repository root.")
+                                   description="Prepended to PYTHONPATH; empty: the repository root, then "
+                                   "this process's own PYTHONPATH (the run's interpreter is this one by default).")
     state_dir: Path = Field(default=DEFAULT_STATE_DIR / "local-runs",
                             description="Where running runs are recorded so the reaper can find orphans.")
 

@@ -4,7 +4,10 @@ the local Debian base it can start from.
 The cpu flavour builds fully offline: the base comes from the local engine (or debootstrap) and
 every wheel from a host-side wheelhouse filled by `pip download`, because pip inside `docker build`
 may not reach the index. The gpu flavour uses the public NVIDIA base and the package index.
-Usage: python -m sandbox.image build|ensure --flavor cpu|gpu [--tag T] [--base B] [--online]
+A GPU host with neither registry nor index builds from a base made of its own packages and torch
+(sandbox.host_base, --host-base) and a wheelhouse carried in (--wheelhouse).
+Usage: python -m sandbox.image build|ensure --flavor cpu|gpu [--tag T] [--base B | --host-base]
+       [--online] [--wheelhouse DIR]
 """
 
 from __future__ import annotations
@@ -26,7 +29,11 @@ from typing import Literal
 import docker
 import docker.errors
 
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
 from sandbox.errors import EngineUnavailableError, ImageBuildError
+from sandbox.host_base import base_provides, make_host_base
 
 Flavor = Literal["cpu", "gpu"]
 ProgressFn = Callable[[str], None]
@@ -196,10 +203,10 @@ def download_wheelhouse(
 # Build
 
 
-def _context(repo_root: Path, dest: Path, flavor: Flavor, wheelhouse: Path | None, torch_spec: str) -> None:
+def _context(repo_root: Path, dest: Path, requirements: list[str], wheelhouse: Path | None, torch_spec: str) -> None:
     """Assemble the build context: Dockerfile.gpu, requirements.txt, trainer/, wheels/."""
     shutil.copy2(repo_root / "Dockerfile.gpu", dest / "Dockerfile.gpu")
-    (dest / "requirements.txt").write_text("\n".join(trainer_requirements(flavor, repo_root)) + "\n")
+    (dest / "requirements.txt").write_text("\n".join(requirements) + "\n")
     shutil.copytree(repo_root / "trainer", dest / "trainer",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
     wheels = dest / "wheels"
@@ -229,6 +236,7 @@ def build_image(
     flavor: Flavor = "cpu",
     tag: str | None = None,
     base: str | None = None,
+    host_base: bool = False,
     offline: bool | None = None,
     wheelhouse: Path | None = None,
     torch_spec: str | None = None,
@@ -241,30 +249,41 @@ def build_image(
 ) -> str:
     """Build the sandbox image and return its tag.
 
-    offline (default: True for cpu) installs every wheel from a host wheelhouse (`wheelhouse`, or a
-    cache folder filled by `pip download` for `python_version`, the base's Python). only_if_stale
-    skips the build when an image with this tag was built from the same inputs (Dockerfile,
-    requirements, trainer/, build args).
+    offline (default: True for cpu and on a host base) installs every wheel from a host wheelhouse:
+    `wheelhouse` as given (a folder of wheels for the base's Python, filled elsewhere), or a cache
+    folder filled by `pip download` for `python_version`, the base's Python. On a host base
+    (sandbox.host_base) torch and every requirement the base provides are pinned to the base's
+    versions, and only the rest comes from wheels. only_if_stale skips the build when an image with
+    this tag was built from the same inputs (Dockerfile, requirements, trainer/, build args).
+    host_base makes that base first, from this host's packages and this Python's torch.
     """
     if flavor not in DEFAULT_TAGS:
         raise ImageBuildError(f"flavor must be 'cpu' or 'gpu', got {flavor!r}")
     c = _client(client)
     tag = tag or DEFAULT_TAGS[flavor]
-    offline = (flavor == "cpu") if offline is None else offline
-    torch_spec = torch_spec or TORCH_SPECS[flavor]
+    if host_base:
+        base = make_host_base(extra_py=[_name(r) for r in trainer_requirements(flavor, repo_root)], client=c,
+                              on_progress=on_progress)
     base = base or resolve_base(flavor, c, on_progress)
+    provides = base_provides(c, base)
+    offline = (flavor == "cpu" or bool(provides)) if offline is None else offline
+    requirements = _pinned_to(provides, trainer_requirements(flavor, repo_root))
+    torch_spec = torch_spec or (f"torch=={provides['torch']}" if "torch" in provides else TORCH_SPECS[flavor])
     buildargs = {"BASE_IMAGE": base, "TORCH_SPEC": torch_spec, "PIP_FLAGS": pip_flags}
-    if flavor == "cpu":
-        buildargs["APT_PACKAGES"] = ""  # both cpu bases already carry python3 + venv
+    if flavor == "cpu" or provides:
+        buildargs["APT_PACKAGES"] = ""  # the cpu bases and a host base already carry python3 + venv
+    if provides:  # the base's own distributions, torch among them, seen from the image's venv
+        buildargs["VENV_FLAGS"] = "--system-site-packages --without-pip"
     if offline:
         buildargs["PIP_FLAGS"] = (pip_flags + " --no-index").strip()
-        reqs = [torch_spec, *trainer_requirements(flavor, repo_root)]
-        py = python_version or PYTHON_VERSIONS[flavor]
-        wheelhouse = download_wheelhouse(wheelhouse or DEFAULT_WHEELHOUSE / f"{flavor}-py{py}", reqs,
-                                         python_version=py, on_progress=on_progress)
+        needed = [r for r in [torch_spec, *requirements] if _name(r) not in provides]
+        if wheelhouse is None and needed:
+            py = python_version or PYTHON_VERSIONS[flavor]
+            wheelhouse = download_wheelhouse(DEFAULT_WHEELHOUSE / f"{flavor}-py{py}", needed,
+                                             python_version=py, on_progress=on_progress)
     with tempfile.TemporaryDirectory(prefix="autoresearch-image-", dir=_tmp_near(wheelhouse)) as tmp:
         ctx = Path(tmp)
-        _context(repo_root, ctx, flavor, wheelhouse if offline else None, torch_spec)
+        _context(repo_root, ctx, requirements, wheelhouse if offline else None, torch_spec)
         digest = _digest(ctx, buildargs)
         if only_if_stale and _built_from(c, tag, digest):
             _say(on_progress, f"image {tag} is up to date ({digest[:12]})")
@@ -278,6 +297,15 @@ def build_image(
         except docker.errors.DockerException:
             pass
     return tag
+
+
+def _name(requirement: str) -> str:
+    return canonicalize_name(Requirement(requirement).name)
+
+
+def _pinned_to(provides: dict[str, str], requirements: list[str]) -> list[str]:
+    """The requirements, each one a base provides pinned to the base's version instead."""
+    return [f"{_name(r)}=={provides[_name(r)]}" if _name(r) in provides else r for r in requirements]
 
 
 def _image_id(c: docker.DockerClient, tag: str) -> str | None:
@@ -327,12 +355,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flavor", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--tag", default=None)
     p.add_argument("--base", default=None, help="base image (default: public, else local debootstrap)")
+    p.add_argument("--host-base", action="store_true",
+                   help="make the base from this host's own packages and torch (sandbox.host_base): a GPU "
+                        "host with neither registry nor index; run it with the Python that has torch")
     p.add_argument("--online", action="store_true", help="let pip in the build use the index (cpu default: off)")
-    p.add_argument("--wheelhouse", type=Path, default=None)
+    p.add_argument("--wheelhouse", type=Path, default=None,
+                   help="a folder of wheels for the base's Python, used as it is (default: a cache filled by pip)")
     args = p.parse_args(argv)
-    tag = build_image(args.flavor, args.tag, base=args.base, offline=False if args.online else None,
-                      wheelhouse=args.wheelhouse, only_if_stale=args.action == "ensure",
-                      on_progress=lambda line: print(line, flush=True))
+    tag = build_image(args.flavor, args.tag, base=args.base, host_base=args.host_base,
+                      offline=False if args.online else None, wheelhouse=args.wheelhouse,
+                      only_if_stale=args.action == "ensure", on_progress=lambda line: print(line, flush=True))
     print(f"image ready: {tag}")
     return 0
 

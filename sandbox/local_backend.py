@@ -42,7 +42,8 @@ class LocalBackend(Backend):
     def __init__(self, config: LocalBackendConfig | None = None) -> None:
         self.config = config or LocalBackendConfig()
         self.python = str(self.config.python or sys.executable)
-        self.pythonpath = [str(p) for p in (self.config.pythonpath or [REPO_ROOT])]
+        self.pythonpath = [str(p) for p in self.config.pythonpath] or [
+            str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
         self.owner = current_owner()
         log.warning("local_backend_no_isolation",
                     message="LOCAL BACKEND: experiments run as this user with full access to files, network "

@@ -8,51 +8,22 @@ import hmac
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
 
-from server import log, tools
+from server import tools
 from server.errors import InvalidArgumentError
-from server.lab import Lab, check_agent
-from server.runs import Runs
-from server.runtime import make_runtime, recover
+from server.lab import check_agent
+from server.runs import AppState, open_state
 
 INSTRUCTIONS = """\
 Autonomous ML research: improve train.py so that validation bits per byte (val_bpb, lower is
 better) drops after a fixed training budget. Loop: read_program once, read_train, apply_patch (a
 unified diff of train.py), run_experiment (minutes; kept only if val_bpb beats your best), repeat.
 get_best and list_experiments show where you stand; reset_train undoes unrun patches."""
-
-logger = log.get("app")
-
-
-@dataclass
-class AppState:
-    """What the lifespan yields to every tool call."""
-
-    lab: Lab
-    runs: Runs
-    stdio_agent: str | None
-
-
-@asynccontextmanager
-async def open_state(lab_dir: Path, stdio_agent: str | None) -> AsyncIterator[AppState]:
-    """Open the lab, check its sandbox, mark runs of dead supervisors `interrupted`. Runs in flight
-    belong to their supervisors: closing the server leaves them going."""
-    if stdio_agent is not None:
-        check_agent(stdio_agent)
-    lab = Lab(lab_dir)
-    try:
-        backend, _ = make_runtime(lab)  # engine, image, runtime: say what is missing now
-        await recover(lab, backend)
-        logger.info("lab_opened", lab=str(lab.root), program=lab.config.program, agent=stdio_agent)
-        yield AppState(lab, Runs(lab), stdio_agent)
-    finally:
-        lab.close()
 
 
 class TokenFileVerifier:

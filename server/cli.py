@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flavor", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--tag", help="image tag (default autoresearch-sandbox:<flavor>)")
     p.add_argument("--online", action="store_true", help="let pip inside the build reach the package index")
+    p.add_argument("--host-base", action="store_true",
+                   help="a host with neither registry nor index: the base from this host's own packages "
+                        "and torch (run with the Python that has torch); the rest from --wheelhouse")
+    p.add_argument("--wheelhouse", type=Path, help="a folder of wheels for the base's Python, used as it is")
 
     p = sub.add_parser("doctor", help="check Docker, the image, the data, GPUs; say how to fix each gap")
     _lab_arg(p)

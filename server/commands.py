@@ -116,7 +116,7 @@ def _preflight(root: Path) -> None:
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
-    from server.app import open_state  # noqa: PLC0415
+    from server.runs import open_state  # noqa: PLC0415
 
     with cancelled_by_signals((signal.SIGTERM, signal.SIGHUP)) as task:  # Ctrl-C: asyncio.run's own
         try:
@@ -221,7 +221,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_build_image(args: argparse.Namespace) -> int:
     from server.prepare import build_image  # noqa: PLC0415
 
-    return build_image(args.flavor, args.tag, args.online)
+    return build_image(args.flavor, args.tag, args.online, host_base=args.host_base, wheelhouse=args.wheelhouse)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

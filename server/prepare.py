@@ -177,12 +177,14 @@ async def _follow_log(path: Path, bar: _Lines) -> None:
                 bar(line)
 
 
-def build_image(flavor: str, tag: str | None, online: bool) -> int:
+def build_image(flavor: str, tag: str | None, online: bool, host_base: bool = False,
+                wheelhouse: Path | None = None) -> int:
     from sandbox.image import build_image as build  # noqa: PLC0415
 
     bar = _Lines(f"build-image ({flavor})")
     try:
-        built = build(flavor, tag, offline=False if online else None, only_if_stale=True, on_progress=bar)  # type: ignore[arg-type]
+        built = build(flavor, tag, offline=False if online else None, host_base=host_base,  # type: ignore[arg-type]
+                      wheelhouse=wheelhouse, only_if_stale=True, on_progress=bar)
     except Exception as e:
         bar.close()
         raise LabError(f"image build failed: {e}") from e

@@ -11,7 +11,10 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 from sandbox.base import finish_despite_cancel
 from sandbox.reaper import owner_alive
@@ -22,7 +25,7 @@ from server.experiment import check_description, to_result
 from server.lab import Lab, check_agent
 from server.models import CALIBRATION_AGENT, LIVE_STATUSES, Calibration, ExperimentResult, RunRecord
 from server.noise import spread
-from server.runtime import finish_orphan
+from server.runtime import finish_orphan, make_runtime, recover
 from server.supervisor import CANCEL_FILE, read_status, spawn
 
 Reporter = Callable[[float, str], Awaitable[None]]
@@ -141,3 +144,29 @@ class Runs:
 
     cancel_reason = "cancelled by the client"
     """What a cancelled run's row says (the shell's `run` names the signal that stopped it)."""
+
+
+@dataclass
+class AppState:
+    """An open lab with its runs: what the MCP server's lifespan yields to every tool call, and what
+    the shell's `run` uses (without the MCP SDK)."""
+
+    lab: Lab
+    runs: Runs
+    stdio_agent: str | None
+
+
+@asynccontextmanager
+async def open_state(lab_dir: Path, stdio_agent: str | None) -> AsyncIterator[AppState]:
+    """Open the lab, check its sandbox, mark runs of dead supervisors `interrupted`. Runs in flight
+    belong to their supervisors: closing the server leaves them going."""
+    if stdio_agent is not None:
+        check_agent(stdio_agent)
+    lab = Lab(lab_dir)
+    try:
+        backend, _ = make_runtime(lab)  # engine, image, runtime: say what is missing now
+        await recover(lab, backend)
+        logger.info("lab_opened", lab=str(lab.root), program=lab.config.program, agent=stdio_agent)
+        yield AppState(lab, Runs(lab), stdio_agent)
+    finally:
+        lab.close()

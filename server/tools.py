@@ -25,8 +25,8 @@ from server.models import (
     RunStarted, RunStatus, TrainFile,
 )
 
-if TYPE_CHECKING:  # server.app imports this module to register the tools
-    from server.app import AppState
+if TYPE_CHECKING:
+    from server.runs import AppState
 
 P = ParamSpec("P")
 T = TypeVar("T")

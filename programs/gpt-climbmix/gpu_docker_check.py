@@ -1,49 +1,59 @@
-"""Issue 24's first check on a GPU host with the engine of gpu_docker_engine.sh running: a hardened
-container in the docker backend's own GPU mode (no toolkit), on an image imported from nothing with
-the host's /usr, /lib, /etc and /opt mounted read-only (the probe's shortcut, until the sandbox image
-is built there), sees exactly its leased GPU; the same container without a lease sees none.
-    python3 programs/gpt-climbmix/gpu_docker_check.py OUT_DIR [GPU]      (DOCKER_HOST set)
+"""What a run's container sees on a GPU host, through the docker backend itself (issue 24): with a
+lease of GPU `GPU` and without one, in the sandbox image IMAGE, with the backend's own hardening and
+its GPU mode (`auto`: devices where the engine has no NVIDIA runtime). Each prints what torch sees
+(count, names, UUIDs), the NVIDIA nodes in /dev, whether the network and the root can be reached,
+and the user; result.json files land in OUT_DIR/<leased|no-lease>/out.
+    python3 programs/gpt-climbmix/gpu_docker_check.py OUT_DIR IMAGE [GPU]      (DOCKER_HOST set)
 """
 
 import asyncio
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 from sandbox.config import DockerBackendConfig
 from sandbox.docker_backend import DockerBackend
-from sandbox.models import Limits, Mount, RunSpec
-from sandbox.nvidia import choose_mode, gpus
+from sandbox.gpus import uuid_of
+from sandbox.models import Limits, RunSpec
+from sandbox.nvidia import gpus
 
-PROBE = ("import json, os, sys, torch; n = torch.cuda.device_count(); json.dump({'count': n, 'names': "
-         "[torch.cuda.get_device_name(i) for i in range(n)], 'uuids': ['GPU-' + str(torch.cuda.get_device_properties(i)"
-         ".uuid) for i in range(n)], 'dev': sorted(d for d in os.listdir('/dev') if d.startswith('nvidia'))}, "
-         "open('/out/result.json', 'w'))")
+PROBE = """
+import json, os, socket, torch
+def reach(host, port):
+    try:
+        socket.create_connection((host, port), timeout=3).close(); return "reached"
+    except OSError as e:
+        return type(e).__name__ + ": " + str(e)
+try:
+    open("/usr/probe", "w"); root = "writable"
+except OSError as e:
+    root = "read-only (" + e.strerror + ")"
+n = torch.cuda.device_count()
+json.dump({"count": n, "names": [torch.cuda.get_device_name(i) for i in range(n)],
+           "uuids": ["GPU-" + str(torch.cuda.get_device_properties(i).uuid) for i in range(n)],
+           "dev": sorted(d for d in os.listdir("/dev") if d.startswith("nvidia")),
+           "net_outside": reach("1.1.1.1", 53), "net_loopback": reach("127.0.0.1", 22), "root": root,
+           "uid": os.getuid(), "torch": torch.__version__}, open("/out/result.json", "w"))
+"""
 
 
-async def main(out: Path, gpu: str | None) -> None:
-    subprocess.run("tar -cf - --files-from /dev/null | docker import - autoresearch-empty:probe", shell=True,
-                   check=True, capture_output=True)
-    backend = DockerBackend(DockerBackendConfig(image="autoresearch-empty:probe", base_url=os.environ["DOCKER_HOST"]))
-    print("mode:", backend.gpu_mode(), "gpus:", gpus())
-    mounts = [Mount(source=Path(p), target=p) for p in ("/usr", "/lib", "/lib64", "/bin", "/etc", "/opt")
-              if Path(p).exists()]
-    py = sys.executable  # a venv's python finds its packages through its own path
+async def main(out: Path, image: str, gpu: str | None) -> None:
+    backend = DockerBackend(DockerBackendConfig(image=image))
+    print("mode:", backend.gpu_mode(), "driver lists:", gpus(), "lease's UUID:", uuid_of(gpu))
     for name, lease in (("leased", gpu), ("no-lease", None)):
         folder = out / name
-        folder.mkdir(parents=True)
-        spec = RunSpec(run_id=f"gpu-check-{name}", image="autoresearch-empty:probe", command=[py, "-c", PROBE],
-                       mounts=mounts, env={"HOME": "/tmp", "PATH": "/usr/bin:/bin"}, output_dir=folder / "out",
-                       log_path=folder / "log.txt", gpu=lease, deadline_s=120,
-                       limits=Limits(memory_gb=16, pids=1024))
+        folder.mkdir(parents=True, exist_ok=True)
+        spec = RunSpec(run_id=f"gpu-check-{name}-{os.getpid()}", image=image, command=["python3", "-c", PROBE],
+                       env={"HOME": "/tmp"}, output_dir=folder / "out", log_path=folder / "log.txt", gpu=lease,
+                       deadline_s=120, limits=Limits(memory_gb=16, pids=1024))
         outcome = await backend.run(spec)
-        result = (folder / "out" / "result.json").read_text() if (folder / "out" / "result.json").exists() else None
-        print(name, outcome.status, outcome.wall_s, result or outcome.log_tail[-1500:])
+        result = folder / "out" / "result.json"
+        print(name, outcome.status, f"{outcome.wall_s:.1f} s",
+              result.read_text() if result.exists() else outcome.log_tail[-1500:])
     info = backend.client.info()
     print("security options:", json.dumps(info.get("SecurityOptions")), "runtimes:", sorted(info.get("Runtimes", {})))
 
 
 if __name__ == "__main__":
-    asyncio.run(main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "0"))
+    asyncio.run(main(Path(sys.argv[1]), sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "0"))
