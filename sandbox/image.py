@@ -33,7 +33,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from sandbox.errors import EngineUnavailableError, ImageBuildError
-from sandbox.host_base import base_provides, make_host_base
+from sandbox.host_base import SITE as HOST_SITE, base_provides, make_host_base
 
 Flavor = Literal["cpu", "gpu"]
 ProgressFn = Callable[[str], None]
@@ -274,6 +274,7 @@ def build_image(
         buildargs["APT_PACKAGES"] = ""  # the cpu bases and a host base already carry python3 + venv
     if provides:  # the base's own distributions, torch among them, seen from the image's venv
         buildargs["VENV_FLAGS"] = "--system-site-packages --without-pip"
+        buildargs["COMPILE_DIRS"] = f"/{HOST_SITE}"
     if offline:
         buildargs["PIP_FLAGS"] = (pip_flags + " --no-index").strip()
         needed = [r for r in [torch_spec, *requirements] if _name(r) not in provides]

@@ -13,7 +13,7 @@
 #   usage: programs/gpt-climbmix/gpu_docker_run.sh OUT_DIR ENGINE_ARCHIVE WHEELHOUSE [BUDGET_S ...]
 #          (from the repo root, as root; budgets default to "30 300"). GIT_DEB: Debian's git package,
 #          unpacked when the host has no git (the lab keeps its books in git).
-# PROGRAM=tiny-stdlib with ENGINE_ARCHIVE "-" (an engine already answering) and FLAVOR=cpu rehearses
+# BACKENDS (default "docker local") picks the labs. PROGRAM=tiny-stdlib with ENGINE_ARCHIVE "-" (an engine already answering) and FLAVOR=cpu rehearses
 # the same steps on a CPU box.
 set -euo pipefail
 OUT=$(mkdir -p "${1:?usage: $0 OUT_DIR ENGINE_ARCHIVE WHEELHOUSE [BUDGET_S ...]}" && cd "$1" && pwd)
@@ -62,6 +62,14 @@ for i in 1 2 3; do  # what a container's start and end cost, alone
   t0=$(date +%s%N); docker run --rm --network none --read-only "$IMAGE" true; t1=$(date +%s%N)
   echo "container start+stop $i: $(((t1 - t0) / 1000000)) ms"
 done | tee -a "$OUT/timings.txt"
+for cache in image none; do  # torch's import, with the image's bytecode and without (a prefix that has none)
+  prefix=(); [[ $cache == none ]] && prefix=(-e PYTHONPYCACHEPREFIX=/tmp/nopyc)
+  for i in 1 2; do
+    docker run --rm --network none --read-only --tmpfs /tmp "${prefix[@]}" "$IMAGE" python3 -c \
+      'import time; t = time.perf_counter(); import torch; print(f"import torch: {time.perf_counter() - t:.2f} s")' \
+      | sed "s/^/bytecode $cache, $i: /"
+  done
+done | tee -a "$OUT/timings.txt"
 
 stamp "what a leased and an unleased container see"
 if [[ $FLAVOR == gpu ]]; then timed check $PY programs/gpt-climbmix/gpu_docker_check.py "$WORK/check" "$IMAGE" 0; fi
@@ -81,7 +89,7 @@ fi
 
 n=0
 for budget in "${BUDGETS[@]}"; do
-  for backend in docker local; do
+  for backend in ${BACKENDS:-docker local}; do
     lab=$WORK/labs/$backend-$budget
     image_arg=(); [[ $backend == docker ]] && image_arg=(--image "$IMAGE")
     stamp "lab $lab"
