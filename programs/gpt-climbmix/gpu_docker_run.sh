@@ -13,8 +13,8 @@
 #   usage: programs/gpt-climbmix/gpu_docker_run.sh OUT_DIR ENGINE_ARCHIVE WHEELHOUSE [BUDGET_S ...]
 #          (from the repo root, as root; budgets default to "30 300"). GIT_DEB: Debian's git package,
 #          unpacked when the host has no git (the lab keeps its books in git).
-# BACKENDS (default "docker local") picks the labs. PROGRAM=tiny-stdlib with ENGINE_ARCHIVE "-" (an engine already answering) and FLAVOR=cpu rehearses
-# the same steps on a CPU box.
+# BACKENDS (default "docker local") picks the labs. PROGRAM=tiny-stdlib with ENGINE_ARCHIVE "-" (an
+# engine already answering) and FLAVOR=cpu rehearses the same steps on a CPU box.
 set -euo pipefail
 OUT=$(mkdir -p "${1:?usage: $0 OUT_DIR ENGINE_ARCHIVE WHEELHOUSE [BUDGET_S ...]}" && cd "$1" && pwd)
 ARCHIVE=${2:?engine archive, or - for an engine already running}
