@@ -136,13 +136,13 @@ def deb_files(packages: list[str]) -> list[str]:
 # The Python distributions: importlib.metadata's record of what this Python has
 
 
-def py_closure(roots: Iterable[str]) -> list[md.Distribution]:
+def py_closure(roots: Iterable[str], path: list[str] | None = None) -> list[md.Distribution]:
     """The installed distributions `roots` need, by Requires-Dist with markers evaluated, extras
     followed where a requirement asks for them (torch's CUDA wheels name their libraries through a
     package's extras); roots that are not installed are skipped. Where a name is installed twice,
-    the one that import finds (first on sys.path) counts."""
+    the one that import finds (first on sys.path, or on `path`) counts."""
     by_name: dict[str, md.Distribution] = {}
-    for d in md.distributions():
+    for d in md.distributions(**({"path": path} if path is not None else {})):
         if d.metadata["Name"]:
             by_name.setdefault(canonicalize_name(d.metadata["Name"]), d)
     extras_seen: dict[str, set[str]] = {}

@@ -16,7 +16,7 @@ import pytest
 
 from sandbox.config import DockerBackendConfig
 from sandbox.docker_backend import DockerBackend
-from sandbox.host_base import HOST_BASE, base_provides
+from sandbox.host_base import HOST_BASE, base_provides, py_closure
 from sandbox.image import REPO_ROOT, _context, _pinned_to, trainer_requirements
 from sandbox.models import Limits
 
@@ -148,3 +148,30 @@ async def test_a_hardened_run_trains_in_the_host_base_image(host_image, make_spe
     assert outcome.status == "ok" and r is not None, outcome.log_tail
     assert r["last"] < r["first"] * 0.1 and r["root"] == "read-only" and r["net"] != "reached"
     print(f"host-base image: a hardened run in {outcome.wall_s:.1f} s; loss {r['first']:.3f} -> {r['last']:.3f}")
+
+
+def _dist(site: Path, name: str, version: str, *requires: str) -> None:
+    info = site / f"{name}-{version}.dist-info"
+    info.mkdir(parents=True)
+    lines = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}", *(f"Requires-Dist: {r}" for r in requires)]
+    (info / "METADATA").write_text("\n".join(lines) + "\n")
+    (info / "RECORD").write_text(f"{name}-{version}.dist-info/METADATA,,\n")
+
+
+def test_the_host_bases_python_closure_follows_extras_and_markers_and_takes_the_first_install(tmp_path):
+    """torch's CUDA wheels name their libraries through another package's extras: those must come too;
+    an extra nobody asked for, a marker that does not hold, and a shadowed second install must not."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    _dist(first, "torchlike", "1.0", "toolkit[blas]==2.0", "helper; python_version >= '3'",
+          "winonly; sys_platform == 'win32'", "docs; extra == 'docs'")
+    _dist(first, "toolkit", "2.0", "blaslib==3.0; extra == 'blas'", "fftlib; extra == 'fft'")
+    _dist(first, "blaslib", "3.0")
+    _dist(first, "helper", "1.1")
+    for name in ("fftlib", "winonly", "docs"):
+        _dist(first, name, "1.0")
+    _dist(second, "helper", "0.9")
+
+    found = {d.metadata["Name"]: d.version for d in py_closure(["torchlike", "absent"], [str(first), str(second)])}
+    assert found == {"torchlike": "1.0", "toolkit": "2.0", "blaslib": "3.0", "helper": "1.1"}
+    found = {d.metadata["Name"]: d.version for d in py_closure(["helper"], [str(second), str(first)])}
+    assert found == {"helper": "0.9"}
