@@ -53,8 +53,10 @@ def _docker(config: DockerBackendConfig, needs_gpu: bool = False) -> list[Check]
             checks.append(Check("sandbox image", True, image))
         except Exception:  # noqa: BLE001
             flavor = "gpu" if image.endswith(":gpu") else "cpu"
+            offline = (" (a host that reaches no registry or index: add --host-base --wheelhouse DIR, with the "
+                       "Python that has torch)") if flavor == "gpu" else ""
             checks.append(Check("sandbox image", False, f"{image} is not on this host",
-                                f"autoresearch-mcp build-image --flavor {flavor} --tag {image}"))
+                                f"autoresearch-mcp build-image --flavor {flavor} --tag {image}{offline}"))
     return checks
 
 
