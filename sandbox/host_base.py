@@ -51,9 +51,8 @@ EMPTY_DIRS = {"tmp": 0o1777, "var/tmp": 0o1777, "dev": 0o755, "proc": 0o555, "sy
 ProgressFn = Callable[[str], None]
 
 
-def _say(on_progress: ProgressFn | None, line: str) -> None:
-    if on_progress is not None:
-        on_progress(line)
+def _quiet(line: str) -> None:
+    pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +141,7 @@ def py_closure(roots: Iterable[str], path: list[str] | None = None) -> list[md.D
     package's extras); roots that are not installed are skipped. Where a name is installed twice,
     the one that import finds (first on sys.path, or on `path`) counts."""
     by_name: dict[str, md.Distribution] = {}
-    for d in md.distributions(**({"path": path} if path is not None else {})):
+    for d in md.distributions(path=sys.path if path is None else path):
         if d.metadata["Name"]:
             by_name.setdefault(canonicalize_name(d.metadata["Name"]), d)
     extras_seen: dict[str, set[str]] = {}
@@ -198,8 +197,7 @@ def _python_paths() -> list[str]:
     return [interpreter, str(header)]
 
 
-def write_host_root(tarball: Path, extra_py: Iterable[str] = (), on_progress: ProgressFn | None = None
-                    ) -> dict[str, str]:
+def write_host_root(tarball: Path, extra_py: Iterable[str] = (), on_progress: ProgressFn = _quiet) -> dict[str, str]:
     """Write the host base's root file system to `tarball`; return the distributions it provides
     (canonical name -> version)."""
     packages = deb_closure([*DEB_ROOTS, *deb_owners(_python_paths())])
@@ -209,8 +207,8 @@ def write_host_root(tarball: Path, extra_py: Iterable[str] = (), on_progress: Pr
     if "torch" not in provides:
         raise ImageBuildError(f"this host's Python ({sys.executable}) has no torch: a host base takes the "
                               "host's own torch; run this with the Python that trains on the GPU")
-    _say(on_progress, f"host base: {len(packages)} Debian packages ({len(files)} paths), "
-                      f"{len(dists)} Python distributions (torch {provides['torch']})")
+    on_progress(f"host base: {len(packages)} Debian packages ({len(files)} paths), "
+                f"{len(dists)} Python distributions (torch {provides['torch']})")
     with tarfile.open(tarball, "w", format=tarfile.PAX_FORMAT) as tar:
         added: set[str] = set()  # the engine refuses a layer that names a path twice
 
@@ -248,25 +246,22 @@ def write_host_root(tarball: Path, extra_py: Iterable[str] = (), on_progress: Pr
     return provides
 
 
-def make_host_base(tag: str = HOST_BASE, extra_py: Iterable[str] = (), client: docker.DockerClient | None = None,
-                   tmp_dir: Path | None = None, on_progress: ProgressFn | None = None) -> str:
+def make_host_base(client: docker.DockerClient, tag: str = HOST_BASE, extra_py: Iterable[str] = (),
+                   tmp_dir: Path | None = None, on_progress: ProgressFn = _quiet) -> str:
     """Import this host's base (see the module docstring) as `tag`; `extra_py` are more Python
     distributions to take from this host if it has them (the trainer's requirements)."""
-    from sandbox.image import _client  # noqa: PLC0415 - image.py imports this module
-
-    c = _client(client)
     with tempfile.TemporaryDirectory(prefix="autoresearch-host-base-", dir=tmp_dir) as tmp:
         tarball = Path(tmp) / "root.tar"
         provides = write_host_root(tarball, extra_py, on_progress)
-        _say(on_progress, f"importing {tarball.stat().st_size / 1e9:.2f} GB as {tag}")
+        on_progress(f"importing {tarball.stat().st_size / 1e9:.2f} GB as {tag}")
         repo, _, version = tag.partition(":")
         label = " ".join(f"{k}=={v}" for k, v in sorted(provides.items()))
         try:
-            c.api.import_image_from_file(str(tarball), repository=repo, tag=version or "latest",
+            client.api.import_image_from_file(str(tarball), repository=repo, tag=version or "latest",
                                          changes=[f'LABEL {LABEL_PROVIDES}="{label}"'])
         except docker.errors.DockerException as e:
             raise ImageBuildError(f"docker import of the host base failed: {e}") from e
-    _say(on_progress, f"made base image {tag}")
+    on_progress(f"made base image {tag}")
     return tag
 
 

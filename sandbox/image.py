@@ -261,13 +261,13 @@ def build_image(
         raise ImageBuildError(f"flavor must be 'cpu' or 'gpu', got {flavor!r}")
     c = _client(client)
     tag = tag or DEFAULT_TAGS[flavor]
+    wanted = trainer_requirements(flavor, repo_root)
     if host_base:
-        base = make_host_base(extra_py=[_name(r) for r in trainer_requirements(flavor, repo_root)], client=c,
-                              on_progress=on_progress)
+        base = make_host_base(c, extra_py=[_name(r) for r in wanted], on_progress=on_progress or (lambda line: None))
     base = base or resolve_base(flavor, c, on_progress)
     provides = base_provides(c, base)
     offline = (flavor == "cpu" or bool(provides)) if offline is None else offline
-    requirements = _pinned_to(provides, trainer_requirements(flavor, repo_root))
+    requirements = _pinned_to(provides, wanted)
     torch_spec = torch_spec or (f"torch=={provides['torch']}" if "torch" in provides else TORCH_SPECS[flavor])
     buildargs = {"BASE_IMAGE": base, "TORCH_SPEC": torch_spec, "PIP_FLAGS": pip_flags}
     if flavor == "cpu" or provides:
@@ -306,7 +306,8 @@ def _name(requirement: str) -> str:
 
 def _pinned_to(provides: dict[str, str], requirements: list[str]) -> list[str]:
     """The requirements, each one a base provides pinned to the base's version instead."""
-    return [f"{_name(r)}=={provides[_name(r)]}" if _name(r) in provides else r for r in requirements]
+    names = [_name(r) for r in requirements]
+    return [f"{n}=={provides[n]}" if n in provides else r for n, r in zip(names, requirements)]
 
 
 def _image_id(c: docker.DockerClient, tag: str) -> str | None:

@@ -65,9 +65,9 @@ def host_image(tmp_path_factory, docker_client: docker.DockerClient) -> dict:
     docker_client.images.remove(HOST_BASE, force=True)
 
 
-def _in_image(client: docker.DockerClient, script: str) -> dict:
+def _in_image(client: docker.DockerClient, script: str, tmp_options: str = "") -> dict:
     out = client.containers.run(TAG, ["python3", "-c", script], remove=True, network_mode="none", read_only=True,
-                                tmpfs={"/tmp": ""})
+                                tmpfs={"/tmp": tmp_options})
     return json.loads(out.decode().strip().splitlines()[-1])
 
 
@@ -114,9 +114,7 @@ r = subprocess.run(["gcc", "-shared", "-fPIC", "-I" + inc, src, "-o", "/tmp/m.so
 sys.path.insert(0, "/tmp")
 import m
 print(json.dumps({"rc": r.returncode, "err": r.stderr, "module": m.__name__}))"""
-    out = docker_client.containers.run(TAG, ["python3", "-c", script], remove=True, network_mode="none",
-                                       read_only=True, tmpfs={"/tmp": "exec"})
-    r = json.loads(out.decode().strip().splitlines()[-1])
+    r = _in_image(docker_client, script, tmp_options="exec")
     assert r == {"rc": 0, "err": "", "module": "m"}
 
 
