@@ -1,23 +1,28 @@
-"""The sandbox image's recipe, and an image built where no registry and no index can be reached: the base made of this host's
-own Debian packages and a venv of its system Python holding torch (sandbox.host_base), the image
-from Dockerfile.gpu on it with the one requirement that venv lacks taken from a wheelhouse, and a
-hardened run in it. The GPU host does the same with its CUDA torch (GPU_RUNS.md, issue 24)."""
+"""The sandbox image's recipe, and an image built where no registry and no index can be reached:
+the base made of this host's own Debian packages and a venv of its system Python holding torch
+(sandbox.host_base), the image from Dockerfile.gpu on it with the one requirement that venv lacks
+taken from a wheelhouse, and a hardened run in it. The GPU host does the same with its CUDA torch (GPU_RUNS.md, issue 24)."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import docker
+import packaging
 import pytest
+import structlog
 
 from sandbox.config import DockerBackendConfig
 from sandbox.docker_backend import DockerBackend
 from sandbox.host_base import HOST_BASE, base_provides, py_closure
-from sandbox.image import REPO_ROOT, _context, _pinned_to, trainer_requirements
+from sandbox.image import (
+    DEFAULT_WHEELHOUSE, PYTHON_VERSIONS, REPO_ROOT, TORCH_SPECS, _context, _pinned_to, trainer_requirements,
+)
 from sandbox.models import Limits
 
 from sandbox_testlib import result_of
@@ -26,7 +31,7 @@ pytestmark = pytest.mark.anyio
 TAG = "autoresearch-sandbox:host-base-test"
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 LACKED = "safetensors"  # the requirement the host venv lacks: it must come from the wheelhouse
-TORCH = "torch==2.13.0+cpu"
+TORCH = TORCH_SPECS["cpu"]
 
 
 def _pip(python: Path, *args: str) -> None:
@@ -35,27 +40,33 @@ def _pip(python: Path, *args: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def host_image(tmp_path_factory, docker_client: docker.DockerClient) -> dict:
-    """A venv of the system Python with CPU torch and the project (the trainer's requirements but
-    LACKED), a wheelhouse holding LACKED, and `python -m sandbox.image build --host-base` run with it."""
+def host_image(tmp_path_factory, docker_client: docker.DockerClient, sandbox_image: str) -> dict:
+    """A venv of the system Python with CPU torch and the trainer's requirements but LACKED, a
+    wheelhouse holding LACKED, and `python -m sandbox.image build --host-base` run with that venv's
+    Python. No network: the wheels are the CPU image's wheelhouse (filled when `sandbox_image` was
+    built); the sandbox's own host-side libraries (pure Python) come from this test's environment
+    on PYTHONPATH, and the base must not take them (the trainer does not need them)."""
     if not SYSTEM_PYTHON.exists():
         pytest.fail("this test needs Debian's python3 with python3-venv and python3-dev (.ci/run installs them)")
+    house = DEFAULT_WHEELHOUSE / f"cpu-py{PYTHON_VERSIONS['cpu']}"
     tmp = tmp_path_factory.mktemp("host-base")
     venv = tmp / "venv"
     subprocess.run([str(SYSTEM_PYTHON), "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
-    try:
-        _pip(py, "install", TORCH)  # pip's own wheelhouses and indexes (as the Makefile does)
-    except subprocess.CalledProcessError:
-        _pip(py, "install", "--extra-index-url", "https://download.pytorch.org/whl/cpu", TORCH)
-    _pip(py, "install", "-e", f"{REPO_ROOT}[trainer]")
-    _pip(py, "uninstall", "-y", LACKED)
     pin = next(r for r in trainer_requirements("cpu") if r.startswith(f"{LACKED}=="))
+    wanted = [r for r in trainer_requirements("cpu") if r != pin]
+    _pip(py, "install", "--no-index", "--find-links", str(house), TORCH, *wanted)
     wheels = tmp / "wheels"
-    _pip(py, "download", "--no-deps", "-d", str(wheels), pin)
+    wheels.mkdir()
+    for whl in house.glob(f"{LACKED}-*.whl"):
+        shutil.copy2(whl, wheels / whl.name)
+    libs = tmp / "host-libs"
+    libs.mkdir()
+    for module in (docker, packaging, structlog):
+        (libs / module.__name__).symlink_to(Path(module.__file__).parent)
     build = subprocess.run([str(py), "-m", "sandbox.image", "build", "--flavor", "cpu", "--host-base",
                             "--wheelhouse", str(wheels), "--tag", TAG],
-                           cwd=REPO_ROOT, capture_output=True, text=True)
+                           cwd=REPO_ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(libs)})
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     versions = json.loads(subprocess.run(
         [str(py), "-c", "import json, importlib.metadata as m; print(json.dumps({d.metadata['Name'].lower(): "
@@ -75,7 +86,7 @@ def test_the_host_base_holds_the_hosts_torch_and_only_the_packages_it_needs(host
     provides = base_provides(docker_client, HOST_BASE)
     assert provides["torch"] == host_image["venv"]["torch"] == "2.13.0+cpu"
     assert LACKED not in provides and "pip" in provides and "numpy" in provides
-    assert "mcp" not in provides  # in the venv (the project), not needed by the trainer
+    assert "docker" not in provides  # importable by the builder, not needed by the trainer
     r = _in_image(docker_client, """
 import json, os, torch, numpy, safetensors, sys
 print(json.dumps({"torch": torch.__version__, "torch_at": torch.__file__, "numpy_at": numpy.__file__,
