@@ -227,7 +227,9 @@ class DockerBackend(Backend):
 
     def reap(self) -> list[Reaped]:
         try:
-            containers = self.client.containers.list(all=True, filters={"label": LABEL_PROJECT})
+            # a container of another lab may go between the listing and its inspection (issue 33)
+            containers = self.client.containers.list(all=True, filters={"label": LABEL_PROJECT},
+                                                     ignore_removed=True)
         except docker.errors.DockerException as e:
             raise EngineUnavailableError(f"listing containers failed: {e}") from e
         reaped = []

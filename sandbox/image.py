@@ -33,7 +33,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from sandbox.errors import EngineUnavailableError, ImageBuildError
-from sandbox.host_base import SITE as HOST_SITE, base_provides, make_host_base
+from sandbox.host_base import HOST_BASE, SITE as HOST_SITE, base_provides, make_host_base
 
 Flavor = Literal["cpu", "gpu"]
 ProgressFn = Callable[[str], None]
@@ -237,6 +237,7 @@ def build_image(
     tag: str | None = None,
     base: str | None = None,
     host_base: bool = False,
+    host_base_tag: str = HOST_BASE,
     offline: bool | None = None,
     wheelhouse: Path | None = None,
     torch_spec: str | None = None,
@@ -255,7 +256,7 @@ def build_image(
     (sandbox.host_base) torch and every requirement the base provides are pinned to the base's
     versions, and only the rest comes from wheels. only_if_stale skips the build when an image with
     this tag was built from the same inputs (Dockerfile, requirements, trainer/, build args).
-    host_base makes that base first, from this host's packages and this Python's torch.
+    host_base makes that base first, from this host's packages and this Python's torch, tagged host_base_tag.
     """
     if flavor not in DEFAULT_TAGS:
         raise ImageBuildError(f"flavor must be 'cpu' or 'gpu', got {flavor!r}")
@@ -263,7 +264,8 @@ def build_image(
     tag = tag or DEFAULT_TAGS[flavor]
     wanted = trainer_requirements(flavor, repo_root)
     if host_base:
-        base = make_host_base(c, extra_py=[_name(r) for r in wanted], on_progress=on_progress or (lambda line: None))
+        base = make_host_base(c, host_base_tag, extra_py=[_name(r) for r in wanted],
+                              on_progress=on_progress or (lambda line: None))
     base = base or resolve_base(flavor, c, on_progress)
     provides = base_provides(c, base)
     offline = (flavor == "cpu" or bool(provides)) if offline is None else offline
@@ -360,11 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host-base", action="store_true",
                    help="make the base from this host's own packages and torch (sandbox.host_base): a GPU "
                         "host with neither registry nor index; run it with the Python that has torch")
+    p.add_argument("--host-base-tag", default=HOST_BASE, help=f"the host base's tag (default {HOST_BASE})")
     p.add_argument("--online", action="store_true", help="let pip in the build use the index (cpu default: off)")
     p.add_argument("--wheelhouse", type=Path, default=None,
                    help="a folder of wheels for the base's Python, used as it is (default: a cache filled by pip)")
     args = p.parse_args(argv)
-    tag = build_image(args.flavor, args.tag, base=args.base, host_base=args.host_base,
+    tag = build_image(args.flavor, args.tag, base=args.base, host_base=args.host_base, host_base_tag=args.host_base_tag,
                       offline=False if args.online else None, wheelhouse=args.wheelhouse,
                       only_if_stale=args.action == "ensure", on_progress=lambda line: print(line, flush=True))
     print(f"image ready: {tag}")

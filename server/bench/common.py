@@ -92,8 +92,8 @@ def prepare_data(program: Path, data_dir: Path) -> Path:
 
 
 def make_lab(root: Path, program: Path, data_dir: Path, *, backend: str, slots: int, image: str | None = None,
-             **config: object) -> Path:
-    backend_cfg = {"type": "docker", "image": image} if backend == "docker" else {
+             base_url: str | None = None, **config: object) -> Path:
+    backend_cfg = {"type": "docker", "image": image, "base_url": base_url} if backend == "docker" else {
         "type": "local", "state_dir": str(root.parent / f"{root.name}-local-state")}
     (root.parent / f"{root.name}-slots").mkdir(parents=True, exist_ok=True)
     create_lab(root, str(program), backend=backend_cfg, data_dir=data_dir,

@@ -4,11 +4,14 @@ left once the next server has started.
 
   server-kill-9      the MCP server that started the run is killed; a second server waits for it
   supervisor-kill-9  the run's supervisor is killed; the next server's recovery finishes the row
-  dockerd-restart    the Docker engine is restarted while the run trains
+  dockerd-restart    the Docker engine is restarted while the run trains (an engine of the bench's own)
   disk-full          the lab's own small file system fills while the run trains, then is freed
   oom                train.py allocates past the run's memory cap
   ledger-locked      another process holds the ledger's write lock longer than SQLite waits
   fork-bomb          a fork bomb trains beside a neighbour; the neighbour's steps against alone
+
+Each check looks only at what its own lab made (containers by the lab's label, processes by the lab's
+path): another lab on the same engine, a user's, is never counted, stopped or restarted (issue 33).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 
 from server.bench.common import (TRIVIAL_TRAIN, books, make_lab, processes_matching, replace_line, stdio_params,
                                  wait_for, write_program)
+from server.bench.engine import PrivateEngine
 
 BUDGET_S = 8.0
 HOG = TRIVIAL_TRAIN.replace("trainer.submit(model)", "hog = [bytearray(1 << 26) for _ in range(64)]  # 4 GiB\n"
@@ -43,10 +47,10 @@ if os.fork() == 0:  # a fork bomb: every process forks and spins, until the pids
 """, 1)
 
 
-def _containers(docker_client) -> list[str]:
-    from sandbox.hardening import LABEL_PROJECT  # noqa: PLC0415
-
-    return [c.name for c in docker_client.containers.list(all=True, filters={"label": LABEL_PROJECT})]
+def _containers(docker_client, root: Path) -> list[str]:
+    """The containers of the lab at `root` (its runs carry the lab's folder as a label), nobody else's."""
+    found = docker_client.containers.list(all=True, filters={"label": f"autoresearch.lab={root}"}, ignore_removed=True)
+    return [c.name for c in found]
 
 
 async def _call(client, tool: str, args: dict | None = None) -> dict:
@@ -84,7 +88,7 @@ async def _wait(root: Path, agent: str, run_id: str) -> dict:
 
 def _report(name: str, root: Path, docker_client, result: dict | None, expect: set[str], **extra) -> dict:
     b = books(root)
-    left = _containers(docker_client)
+    left = _containers(docker_client, root)
     status = result["status"] if result else None
     return {"fault": name, "ledger_says": status, "detail": (result or {}).get("reason"), "rows": b["rows"],
             "findings": b["findings"], "containers_left": left, **extra,
@@ -119,48 +123,16 @@ async def supervisor_kill(root: Path, dc) -> dict:
         os.kill(lab.ledger.get(run_id).owner_pid, signal.SIGKILL)
     finally:
         lab.close()
-    running = len(_containers(dc))
+    running = len(_containers(dc, root))
     return _report("supervisor-kill-9", root, dc, await _wait(root, "a", run_id), {"interrupted"},
                    containers_while_orphaned=running)
 
 
-def restart_dockerd() -> float:
-    """Restart the engine the way it was started (systemd, or the same command line); seconds taken."""
-    t0 = time.monotonic()
-    if subprocess.run(["systemctl", "is-active", "--quiet", "docker"], capture_output=True).returncode == 0:
-        subprocess.run(["systemctl", "restart", "docker"], check=True)
-    else:
-        pids = processes_matching("dockerd")
-        pids = [p for p in pids if Path(f"/proc/{p}/exe").resolve().name == "dockerd"]
-        if not pids:
-            raise RuntimeError("no dockerd process to restart")
-        argv = Path(f"/proc/{pids[0]}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
-        os.kill(pids[0], signal.SIGTERM)
-        wait_for(lambda: not Path(f"/proc/{pids[0]}").exists(), 60, "dockerd to stop")
-        logf = open("/var/log/autoresearch-dockerd.log", "ab")  # noqa: SIM115
-        subprocess.Popen([a.decode() for a in argv], stdout=logf, stderr=logf, start_new_session=True)
-        logf.close()
-    import docker  # noqa: PLC0415
-
-    wait_for(lambda: _ping(docker), 90, "dockerd to answer again", poll_s=0.5)
-    return time.monotonic() - t0
-
-
-def _ping(docker) -> bool:
-    try:
-        return docker.from_env().ping()
-    except Exception:  # noqa: BLE001
-        return False
-
-
-async def dockerd_restart(root: Path, dc) -> dict:
+async def dockerd_restart(root: Path, engine: PrivateEngine) -> dict:
     run_id = await _start(root, "a", "dockerd restarted mid-run")
     await _until_training(root, run_id)
-    took = await asyncio.to_thread(restart_dockerd)
-    import docker  # noqa: PLC0415
-
-    dc = docker.from_env()
-    return _report("dockerd-restart", root, dc, await _wait(root, "a", run_id), {"infra-error"},
+    took = await asyncio.to_thread(engine.restart)
+    return _report("dockerd-restart", root, engine.client(), await _wait(root, "a", run_id), {"infra-error"},
                    restart_s=round(took, 1))
 
 
@@ -272,36 +244,48 @@ async def run_faults(work: Path, data: Path, image: str, only: set[str] | None =
 
     dc = docker.from_env()
     program = write_program(work / "fault-program", budget_s=BUDGET_S)
-    reports = []
 
-    def lab(name: str, slots: int = 1, where: Path | None = None, **config) -> Path:
+    def lab(name: str, slots: int = 1, where: Path | None = None, base_url: str | None = None, **config) -> Path:
         return make_lab((where or work) / name, program, data, backend="docker", image=image, slots=slots,
-                        progress_interval_s=2.0, **config)
+                        base_url=base_url, progress_interval_s=2.0, **config)
+
+    async def on_own_engine() -> dict:  # never the engine that the user's labs run on
+        copied = await copying
+        return {**await dockerd_restart(lab("dockerd-restart", base_url=engine.base_url), engine),
+                "image_copy_s": round(copied, 1)}
 
     mount = work / "small-fs"
     mount.mkdir(exist_ok=True)
     steps = {
         "server-kill-9": lambda: server_kill(lab("server-kill"), dc),
         "supervisor-kill-9": lambda: supervisor_kill(lab("supervisor-kill"), dc),
-        "dockerd-restart": lambda: dockerd_restart(lab("dockerd-restart"), dc),
         "disk-full": lambda: disk_full(lab("disk-full", where=mount), dc, mount),
         "oom": lambda: oom(lab("oom", memory_gb=1.0), dc),
         "ledger-locked": lambda: ledger_locked(lab("ledger-locked", slots=2), dc, hold_s=40.0),
         "fork-bomb": lambda: fork_bomb(lab("fork-bomb", slots=2), dc, max_slowdown),
+        "dockerd-restart": on_own_engine,  # last: its engine starts and takes the image while the others run
     }
-    for name, step in steps.items():
-        if only and name not in only:
-            continue
-        if name == "disk-full":
-            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m,mode=0755", "tmpfs", str(mount)], check=True)
-        try:
-            report = await step()
-        except Exception as e:  # noqa: BLE001 - a fault the suite could not even stage is a failed check
-            report = {"fault": name, "error": f"{type(e).__name__}: {e}", "checks": {"staged": False}}
-        finally:
-            if name == "disk-full":
-                subprocess.run(["umount", "-l", str(mount)], check=False)
-        print(json.dumps(report), file=sys.stderr, flush=True)
-        reports.append(report)
+    steps = {name: step for name, step in steps.items() if not only or name in only}
+    with contextlib.ExitStack() as stack:
+        if "dockerd-restart" in steps:
+            engine = stack.enter_context(PrivateEngine(work / "engine"))
+            copying = asyncio.ensure_future(asyncio.to_thread(engine.copy_image, image))
+            stack.callback(lambda: copying.done() or copying.cancel())
+        reports = [await _stage(name, step, mount) for name, step in steps.items()]
     checks = {f"{r['fault']}: {k}": v for r in reports for k, v in r["checks"].items()}
     return {"part": "faults", "faults": reports, "checks": checks}
+
+
+async def _stage(name: str, step, mount: Path) -> dict:
+    """One fault, its report printed as it ends; a fault the suite could not even stage is a failed check."""
+    if name == "disk-full":
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m,mode=0755", "tmpfs", str(mount)], check=True)
+    try:
+        report = await step()
+    except Exception as e:  # noqa: BLE001
+        report = {"fault": name, "error": f"{type(e).__name__}: {e}", "checks": {"staged": False}}
+    finally:
+        if name == "disk-full":
+            subprocess.run(["umount", "-l", str(mount)], check=False)
+    print(json.dumps(report), file=sys.stderr, flush=True)
+    return report

@@ -48,7 +48,8 @@ def docker_client() -> Iterator[docker.DockerClient]:
 
 
 def _remove_labelled(client: docker.DockerClient) -> None:
-    for c in client.containers.list(all=True, filters={"label": f"{TEST_LABEL}={SESSION}"}):
+    for c in client.containers.list(all=True, filters={"label": f"{TEST_LABEL}={SESSION}"},
+                                    ignore_removed=True):
         try:
             c.remove(force=True)
         except docker.errors.NotFound:
@@ -90,7 +91,8 @@ def no_leftovers(docker_client: docker.DockerClient) -> Callable[[str], list[str
 
     def check(run_id: str) -> list[str]:
         found = docker_client.containers.list(
-            all=True, filters={"label": [f"{TEST_LABEL}={SESSION}", f"autoresearch-mcp.run-id={run_id}"]})
+            all=True, filters={"label": [f"{TEST_LABEL}={SESSION}", f"autoresearch-mcp.run-id={run_id}"]},
+            ignore_removed=True)
         return [c.name for c in found]
 
     return check

@@ -19,7 +19,7 @@ import structlog
 
 from sandbox.config import DockerBackendConfig
 from sandbox.docker_backend import DockerBackend
-from sandbox.host_base import HOST_BASE, base_provides, py_closure
+from sandbox.host_base import base_provides, py_closure
 from sandbox.image import (
     DEFAULT_WHEELHOUSE, PYTHON_VERSIONS, REPO_ROOT, TORCH_SPECS, _context, _pinned_to, trainer_requirements,
 )
@@ -29,6 +29,7 @@ from sandbox_testlib import result_of
 
 pytestmark = pytest.mark.anyio
 TAG = "autoresearch-sandbox:host-base-test"
+BASE_TAG = "autoresearch-base:host-test"  # never the user's own host base (sandbox.host_base.HOST_BASE)
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 LACKED = "safetensors"  # the requirement the host venv lacks: it must come from the wheelhouse
 TORCH = TORCH_SPECS["cpu"]
@@ -65,7 +66,7 @@ def host_image(tmp_path_factory, docker_client: docker.DockerClient, sandbox_ima
     for module in (docker, packaging, structlog):
         (libs / module.__name__).symlink_to(Path(module.__file__).parent)
     build = subprocess.run([str(py), "-m", "sandbox.image", "build", "--flavor", "cpu", "--host-base",
-                            "--wheelhouse", str(wheels), "--tag", TAG],
+                            "--wheelhouse", str(wheels), "--tag", TAG, "--host-base-tag", BASE_TAG],
                            cwd=REPO_ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(libs)})
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     versions = json.loads(subprocess.run(
@@ -73,7 +74,7 @@ def host_image(tmp_path_factory, docker_client: docker.DockerClient, sandbox_ima
                         "d.version for d in m.distributions()}))"], capture_output=True, text=True, check=True).stdout)
     yield {"venv": versions, "log": build.stdout, "pin": pin}
     docker_client.images.remove(TAG, force=True)
-    docker_client.images.remove(HOST_BASE, force=True)
+    docker_client.images.remove(BASE_TAG, force=True)
 
 
 def _in_image(client: docker.DockerClient, script: str, tmp_options: str = "") -> dict:
@@ -83,7 +84,7 @@ def _in_image(client: docker.DockerClient, script: str, tmp_options: str = "") -
 
 
 def test_the_host_base_holds_the_hosts_torch_and_only_the_packages_it_needs(host_image, docker_client):
-    provides = base_provides(docker_client, HOST_BASE)
+    provides = base_provides(docker_client, BASE_TAG)
     assert provides["torch"] == host_image["venv"]["torch"] == "2.13.0+cpu"
     assert LACKED not in provides and "pip" in provides and "numpy" in provides
     assert "docker" not in provides  # importable by the builder, not needed by the trainer
@@ -101,7 +102,7 @@ print(json.dumps({"torch": torch.__version__, "torch_at": torch.__file__, "numpy
 
 
 def test_the_trainer_requirements_are_pinned_to_what_the_base_provides(host_image, docker_client, tmp_path):
-    provides = base_provides(docker_client, HOST_BASE)
+    provides = base_provides(docker_client, BASE_TAG)
     pinned = _pinned_to(provides, trainer_requirements("cpu"))
     _context(REPO_ROOT, tmp_path, pinned, None, f"torch=={provides['torch']}")
     assert (tmp_path / "requirements.txt").read_text().split() == pinned

@@ -6,10 +6,12 @@ Docker tests fail, never skip, when the engine or the image is missing.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
 
+import docker.errors
 import pytest
 
 from server_helpers import IMAGE, PROGRAM, REPO, TEST_BUDGET_S
@@ -88,9 +90,11 @@ def lab_containers(docker_client, tmp_path):
     """A function listing the containers of labs under this test's tmp_path; removes leftovers after."""
 
     def containers() -> list:
-        found = docker_client.containers.list(all=True, filters={"label": "autoresearch.lab"})
+        # other labs' containers on the same engine may vanish between the listing and its inspection
+        found = docker_client.containers.list(all=True, filters={"label": "autoresearch.lab"}, ignore_removed=True)
         return [c for c in found if c.labels.get("autoresearch.lab", "").startswith(str(tmp_path))]
 
     yield containers
     for c in containers():
-        c.remove(force=True)
+        with contextlib.suppress(docker.errors.NotFound):
+            c.remove(force=True)

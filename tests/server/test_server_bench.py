@@ -1,5 +1,6 @@
 """The reliability suite (issue 19) at its small size: load through real stdio servers, the faults
-on a real Docker engine (dockerd itself is restarted once), hypothesis fuzzing of every tool. The
+on a real Docker engine (an engine of the bench's own is restarted once), hypothesis fuzzing of every
+tool, all while a user's lab trains beside it on the host's engine and must not notice (issue 33). The
 full size (`python -m server.bench reliability`) is a benchmark; its figures are in the issue notes."""
 
 from __future__ import annotations
@@ -9,12 +10,23 @@ import subprocess
 import sys
 
 import pytest
+from foreign_lab import ForeignLab
 from server_helpers import IMAGE, REPO
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(1500)]
 
 
-def test_the_reliability_suite_passes_at_its_small_size(tmp_path):
+@pytest.fixture
+def foreign_lab(docker_client):
+    lab = ForeignLab(docker_client)
+    try:
+        lab.start()
+        yield lab
+    finally:
+        lab.remove()
+
+
+def test_the_reliability_suite_passes_at_its_small_size(tmp_path, foreign_lab):
     proc = subprocess.run([sys.executable, "-m", "server.bench", "reliability", "--size", "small",
                            "--image", IMAGE, "--work", str(tmp_path / "bench")],
                           cwd=REPO, capture_output=True, text=True, timeout=1400)
@@ -30,3 +42,8 @@ def test_the_reliability_suite_passes_at_its_small_size(tmp_path):
     assert faults["supervisor-kill-9"]["ledger_says"] == "interrupted"
     assert faults["oom"]["ledger_says"] == "oom"
     assert by_part["fuzz"]["cases"] >= 270 and by_part["fuzz"].get("unhandled", 0) == 0
+    assert faults["dockerd-restart"]["ledger_says"] == "infra-error" and faults["dockerd-restart"]["rows"] == 1
+    # the user's lab beside it: the same container still training, its lease held, the host's engine not restarted
+    assert foreign_lab.untouched() == {}
+    user = foreign_lab.finish()
+    assert user["status"] == "ok" and user["val_bpb"] > 0, user

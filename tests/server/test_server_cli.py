@@ -24,7 +24,10 @@ def test_prepare_doctor_run_report(tmp_path, docker_client, lab_containers):
     done = cli("prepare", PROGRAM, "--lab", str(lab), "--budget-s", "4", "--max-bytes", "3000000")
     assert done.returncode == 0, done.stderr
     assert json.loads((lab / "data" / "meta.json").read_text())
-    assert json.loads((lab / "lab.json").read_text())["backend"]["type"] == "docker"
+    config = json.loads((lab / "lab.json").read_text())
+    assert config["backend"]["type"] == "docker"
+    # the lab's leases in a folder of the test's own, never the host-wide one a user's labs share
+    (lab / "lab.json").write_text(json.dumps({**config, "pool": {**config["pool"], "state_dir": str(tmp_path)}}))
 
     doctor = cli("doctor", "--lab", str(lab))
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
