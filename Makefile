@@ -9,6 +9,9 @@ LAB     ?= .labs/demo
 # else from PyTorch's CPU wheel index.
 TORCH       ?= torch==2.13.0+cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# test files run side by side in this many processes (pytest-xdist); most of a test's time is spent
+# waiting on containers and servers, so more workers than the CI box's 2 cores still pay
+TEST_WORKERS ?= 3
 
 .PHONY: demo test image venv
 
@@ -31,4 +34,4 @@ demo: image
 	$(CLI) report --lab $(LAB)
 
 test: image
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder

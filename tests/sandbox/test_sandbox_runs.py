@@ -68,7 +68,8 @@ async def test_sleep_forever_is_killed_at_the_deadline(backend, make_spec, reque
     assert outcome.status == "timeout"
     assert outcome.exit_code is None
     assert spec.deadline_s <= outcome.wall_s <= spec.deadline_s + KILL_SLACK_S
-    assert elapsed <= spec.deadline_s + KILL_SLACK_S + 2.0  # incl. container start and removal
+    # incl. container start and removal, which a 2-core box running other tests beside may slow
+    assert elapsed <= spec.deadline_s + KILL_SLACK_S + 10.0
     assert "sleeping" in outcome.log_tail
     if backend.name == "docker":
         assert request.getfixturevalue("no_leftovers")(spec.run_id) == []
@@ -122,7 +123,7 @@ async def test_cancelling_the_task_kills_the_run_then_reraises(backend, make_spe
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < spec.deadline_s / 4  # killed at once, not left to its 60-s deadline
     if backend.name == "docker":
         assert request.getfixturevalue("no_leftovers")(spec.run_id) == []
     else:

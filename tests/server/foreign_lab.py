@@ -39,6 +39,11 @@ def engine_pids() -> list[int]:
     return sorted(pids)
 
 
+def _ifindex(name: str) -> str | None:
+    path = Path("/sys/class/net", name, "ifindex")
+    return path.read_text().strip() if path.exists() else None
+
+
 class ForeignLab:
     def __init__(self, docker_client) -> None:
         self.docker = docker_client
@@ -82,6 +87,7 @@ class ForeignLab:
                                      for c in found),
                 "lease": [h for h in self.pool.holders().values() if h and h.get("holder") == self.run_id],
                 "engine_pids": engine_pids(),
+                "host_bridge": _ifindex("docker0"),  # the host engine's network, which its runs' builds use
                 "ledger": [(r.run_id, r.status) for r in ledger_rows(self.root)]}
 
     def untouched(self) -> dict:

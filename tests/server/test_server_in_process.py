@@ -9,7 +9,7 @@ import shutil
 import git
 import pytest
 from mcp import Client
-from server_helpers import PROGRAM, TEST_BUDGET_S
+from server_helpers import LOADED_HOST_TIME_SLACK_S, PROGRAM, TEST_BUDGET_S
 
 from server.app import build_server
 from server.lab import Lab, create_lab, program_dir, read_results
@@ -26,7 +26,8 @@ async def test_an_in_process_program_s_results_are_unverified_everywhere(tmp_pat
     root = tmp_path / "lab"
     create_lab(root, str(program), budget_s=TEST_BUDGET_S, data_dir=tiny_data,
                backend={"type": "local", "state_dir": str(tmp_path / "local-state")},
-               pool={"state_dir": str(slots_dir), "gpus": [], "cpu_slots": 1})
+               pool={"state_dir": str(slots_dir), "gpus": [], "cpu_slots": 1},
+               min_time_slack_s=LOADED_HOST_TIME_SLACK_S)
     async with Client(build_server(root, stdio_agent="alice"), read_timeout_seconds=300) as client:
         run = (await client.call_tool("run_experiment", {"description": "baseline, scored in-process"})).structured_content
         assert run["status"] == "ok" and run["verified"] is False and run["kept"] and run["val_bpb"] > 0

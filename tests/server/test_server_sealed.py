@@ -40,8 +40,8 @@ async def run_with(client: Client, text: str, description: str) -> dict:
 
 
 @pytest.fixture
-async def client(make_lab, tiny_data, lab_containers):
-    root = make_lab(backend="docker", data_dir=open_dir(tiny_data))
+async def client(make_lab, tiny_data, lab_containers, request):
+    root = make_lab(backend="docker", data_dir=open_dir(tiny_data), **getattr(request, "param", {}))
     async with Client(build_server(root, stdio_agent="alice"), read_timeout_seconds=600) as c:
         c.lab_root = root
         yield c
@@ -190,6 +190,7 @@ SLIDE_STEP = """    if real_start is None and run.clock_start is not None:
     if not trainer.step(loss):"""
 
 
+@pytest.mark.parametrize("client", [{"min_time_slack_s": 5.0}], indirect=True)  # the product's slack
 async def test_sliding_the_harness_clock_is_refused(client):
     text = TRAIN.replace("loader = trainer.train_loader", SLIDE + "loader = trainer.train_loader")
     text = text.replace("    if not trainer.step(loss):", SLIDE_STEP)

@@ -200,7 +200,8 @@ def test_gpt_climbmix_train_py_trains_scaled_down_on_cpu(tmp_path, tiny_data):
     """The shipped GPU baseline, its sizes cut to fit a CPU, trains and is scored by the harness
     (its model, Muon, the soft-capped cross-entropy's backward and the CPU attention path)."""
     train = scaled_climbmix(tmp_path / "train.py", DEPTH=2, TOTAL_BATCH_TOKENS=2048, DEVICE_BATCH_SIZE=4)
-    program = derive_program(TINY_TOML, tmp_path / "program.toml", budget_s=4, untimed_steps=1)
+    # ~1.4 s a step on a busy 2-core box (other tests beside it): 8 s gives a few steps even then
+    program = derive_program(TINY_TOML, tmp_path / "program.toml", budget_s=8, untimed_steps=1)
     out = tmp_path / "out"
     proc = subprocess.run([PYTHON, "-m", "trainer.run", "--program", str(program), "--train", str(train),
                            "--data", str(tiny_data), "--out", str(out)],
@@ -210,7 +211,7 @@ def test_gpt_climbmix_train_py_trains_scaled_down_on_cpu(tmp_path, tiny_data):
     assert "depth 2, dim 128, heads 1" in proc.stdout and "2 x 4 x 256 = 2,048 tokens/step" in proc.stdout
     lines = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
     train_lines = [line for line in lines if line["phase"] == "train"]
-    assert len(train_lines) > 5 and train_lines[-1]["loss"] < train_lines[0]["loss"]
+    assert len(train_lines) >= 3 and train_lines[-1]["loss"] < train_lines[0]["loss"]
     scores = score_export(out, program, tiny_data)  # its trainer.ops attention exported and scored
     print(f"gpt-climbmix scaled down, {result['num_steps']} steps: val_bpb {scores['val_bpb']:.4f}, "
           f"unigram {scores['unigram_bpb']:.4f}")
