@@ -53,9 +53,11 @@ class ForeignLab:
         data = prepare_data(program, self.home / "data")
         self.root = self.home / "lab"
         # no lease folder given: the lease is taken in the host-wide default, as a user's lab takes it
+        # (of 4 slots, so that a real lab of the user's on the usual slot cpu-0 does not hold it up)
+        pool = PoolConfig(gpus=[], cpu_slots=4)
         create_lab(self.root, str(program), data_dir=data, backend={"type": "docker", "image": IMAGE},
-                   pool={"gpus": [], "cpu_slots": 1})
-        self.pool = SlotPool(PoolConfig(gpus=[], cpu_slots=1))
+                   pool=pool.model_dump(mode="json", exclude={"state_dir"}))
+        self.pool = SlotPool(pool)
         self.run_id = ""
         self.seen: dict = {}
 
