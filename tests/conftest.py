@@ -6,8 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-SLOW_FIRST = (  # the longest first, from .ci/run's --durations
-    "tests/server/test_server_bench.py",
+SLOW_FIRST = (  # the longest files first, from .ci/run's --durations (seconds on the 2-core CI box, 3 workers)
+    "tests/server/test_server_cluster.py",  # 730
+    "tests/server/test_server_bench.py",  # 430
+    "tests/trainer/test_bench.py",  # 390
+    "tests/server/test_server_e2e_stdio.py",  # 330
+    "tests/sandbox/test_sandbox_image.py",  # 150
+    "tests/server/test_server_sealed.py",
+    "tests/server/test_server_runs_lifecycle.py",
+    "tests/server/test_server_noise.py",
 )
 
 
