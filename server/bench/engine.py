@@ -61,7 +61,7 @@ class PrivateEngine:
         self.proc = None
 
     def restart(self) -> float:
-        """Stop and start again, as `systemctl restart docker` does; the seconds it took."""
+        """Stop it and start it again, as an engine restart does; the seconds it took."""
         t0 = time.monotonic()
         self.stop()
         self.start()
