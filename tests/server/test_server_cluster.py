@@ -39,8 +39,10 @@ def cluster(tmp_path_factory):
 @pytest.fixture
 def cluster_lab(make_lab, tiny_data, tmp_path, cluster):
     def make(**config):
+        # connect_timeout_s: the product's 20 s was passed once with fork bombs of other tests beside
         return make_lab(backend="docker", data_dir=open_dir(tiny_data), cluster={
-            "address": f"127.0.0.1:{PORT}", "node_root": str(tmp_path / "nodes")}, **config)
+            "address": f"127.0.0.1:{PORT}", "node_root": str(tmp_path / "nodes"), "connect_timeout_s": 120},
+            **config)
     return make
 
 

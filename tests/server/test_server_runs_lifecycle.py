@@ -102,7 +102,9 @@ async def test_a_killed_supervisor_is_recovered_at_restart(make_lab, tiny_data, 
         assert result.structured_content["status"] == "ok" and result.structured_content["kept"]
     rows = ledger_rows(root)
     assert [(r.status, r.kept) for r in rows] == [("interrupted", False), ("ok", True)]
-    assert "container was reaped" in rows[0].detail
+    # "; its container was reaped" follows when this lab's server reaped it, but the server of any other lab
+    # on the engine may reap an orphan first (as the tests beside this one do)
+    assert rows[0].detail.startswith("the run's supervisor stopped during the run"), rows[0].detail
 
 
 def _progress(root, run_id: str) -> str:
