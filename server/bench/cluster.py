@@ -53,10 +53,18 @@ class NetnsCluster:
                               env=self.env, timeout=120)
 
     def start(self, name: str) -> None:
+        """Start a node; a worker that fails to join (seen once on a loaded 2-core box) is tried again."""
         where = ["--head", f"--port={PORT}", "--include-dashboard=false", f"--temp-dir={self.temp}"] \
             if name == "head" else [f"--address=127.0.0.1:{PORT}"]
-        self.exec(str(RAY), "start", *where, "--node-ip-address=127.0.0.1", f"--node-name={name}", "--num-cpus=1",
-                  f"--resources={json.dumps({'autoresearch_slot': NODES[name]})}", "--disable-usage-stats")
+        for attempt in range(1 if name == "head" else 3):
+            if attempt:
+                time.sleep(5)
+            done = self.exec(str(RAY), "start", *where, "--node-ip-address=127.0.0.1", f"--node-name={name}",
+                             "--num-cpus=1", f"--resources={json.dumps({'autoresearch_slot': NODES[name]})}",
+                             "--disable-usage-stats", check=False)
+            if done.returncode == 0:
+                return
+        raise RuntimeError(f"`ray start` of {name} failed: {done.stdout[-1500:]}{done.stderr[-1500:]}")
 
     def raylet(self, name: str) -> int | None:
         for proc in Path("/proc").iterdir():
