@@ -1,7 +1,7 @@
 """A Docker engine of the benchmark's own, for the faults that restart the engine (issue 33): its own
-data root, exec root (so its own containerd), pid file, config file and unix socket, no bridge and no
-iptables rules. Restarting or killing it touches neither the host's engine nor a container of anyone
-else. Needs root and dockerd on PATH (Debian's docker.io); the sandbox image is copied into it.
+data root, exec root (so its own containerd), pid file, config file and unix socket, its own network
+namespace and no iptables rules. Restarting or killing it touches neither the host's engine nor a
+container of anyone else. Needs root and dockerd on PATH (Debian's docker.io); the sandbox image is copied into it.
 """
 
 from __future__ import annotations
@@ -80,11 +80,10 @@ class PrivateEngine:
 
         return docker.DockerClient(base_url=self.base_url, timeout=60)
 
-    def copy_image(self, tag: str, source_url: str | None = None) -> float:
-        """`docker save TAG | docker load` from the host's engine (or `source_url`) into this one; seconds."""
+    def copy_image(self, tag: str) -> float:
+        """`docker save TAG | docker load` from the host's engine into this one; the seconds it took."""
         t0 = time.monotonic()
-        source = ["docker", *(["-H", source_url] if source_url else []), "save", tag]
-        with subprocess.Popen(source, stdout=subprocess.PIPE) as save:
+        with subprocess.Popen(["docker", "save", tag], stdout=subprocess.PIPE) as save:
             subprocess.run(["docker", "-H", self.base_url, "load", "-q"], stdin=save.stdout, check=True,
                            stdout=subprocess.DEVNULL)
         if save.returncode:
