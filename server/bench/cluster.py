@@ -14,10 +14,12 @@ import asyncio
 import ctypes
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,10 +36,12 @@ def _setns(fd: int) -> None:
 
 
 class NetnsCluster:
-    """The namespace and its Ray nodes, started with the `ray` CLI as an admin would."""
+    """The namespace and its Ray nodes, started with the `ray` CLI as an admin would. Ray's temp folder is a
+    short one of its own under /tmp: its socket paths must stay under 107 bytes (a pytest-xdist tmp path
+    did not)."""
 
-    def __init__(self, temp: Path) -> None:
-        self.ns, self.temp = f"artest-{os.getpid()}", temp
+    def __init__(self) -> None:
+        self.ns, self.temp = f"artest-{os.getpid()}", Path(tempfile.mkdtemp(prefix="ar-ray-", dir="/tmp"))
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
         subprocess.run(["ip", "netns", "add", self.ns], check=True)
         self.exec("ip", "link", "set", "lo", "up")
@@ -117,6 +121,7 @@ class NetnsCluster:
         subprocess.run(["ip", "netns", "del", self.ns], check=False)
         os.close(self.own)
         os.close(self.inside)
+        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 
@@ -164,7 +169,7 @@ def run_cluster_bench(work: Path, image: str, agents: int, runs: int, budget_s: 
     host_wall = asyncio.run(_agents(host, agents, runs))
     report = {"part": "cluster", "agents": agents, "runs_each": runs, "budget_s": budget_s,
               "host": _figures(host, host_wall)}
-    cluster = NetnsCluster(work / "ray")
+    cluster = NetnsCluster()
     try:
         for name in NODES:
             cluster.start(name)
