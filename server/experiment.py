@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -195,7 +196,16 @@ class Experiments:
             self.lab.ledger.mark_running(run_id, lease.gpu, lease.slot)
             pending.show("running: starting the sandbox")
             return await self.phases.run(run_id, pending.record.agent, pending.snapshot, lease, pending.show,
-                                         on_progress, seed=pending.record.seed)
+                                         on_progress, seed=pending.record.seed, deep_below=self._deep_below(pending))
+
+    def _deep_below(self, pending: Pending) -> float | None:
+        """Below what val_bpb the run could be kept, so its causality audit goes deep: its agent's best
+        (any score when it has none); every confirm rerun; never a calibration run (main's baseline)."""
+        rec = pending.record
+        if rec.role == "calibration":
+            return None
+        best = self.lab.ledger.best(rec.agent) if rec.role == "experiment" else None
+        return best.val_bpb if best is not None and best.val_bpb is not None else math.inf
 
     # -- decide, commit, record ----------------------------------------------------------------
 

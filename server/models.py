@@ -63,7 +63,7 @@ class LabConfig(BaseModel):
     """Seconds on top of the program's budget_s and grace_s for start-up, compile and export; the sum
     is the train phase's hard deadline, which the host enforces."""
     score_allowance_s: float = 600.0
-    """The score phase's hard deadline (load, causality check, evaluation)."""
+    """The score phase's hard deadline (load, evaluation, causality audit)."""
     max_hidden_training_frac: float = 0.1
     """A run whose train phase starts its clock later, or ends later after its budget, than this
     agent's recent runs by more than this fraction of the budget is refused as invalid."""

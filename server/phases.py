@@ -156,23 +156,32 @@ class Phases:
             deadline_s=program.budget_s + program.grace_s + self.lab.config.startup_allowance_s,
             labels=self._labels(run_id, agent, "train"))
 
-    def score_spec(self, run_id: str, agent: str, lease: Lease) -> RunSpec:
+    def score_spec(self, run_id: str, agent: str, lease: Lease, deep_below: float | None = None) -> RunSpec:
+        """The score container; its causality audit is deep when val_bpb < deep_below (trainer.audit)."""
         run_dir = self.lab.run_dir(run_id)
         data_mounts, val_stream = self._data(run_dir)
         env = {k: v for k, v in contract.base_env().items() if not v.startswith(contract.CACHE)}
         return RunSpec(
-            run_id=self.lab.sandbox_id(run_id) + "-score", image=self.image, command=list(contract.SCORE_ARGV),
+            run_id=self.lab.sandbox_id(run_id) + "-score", image=self.image,
+            command=[*contract.SCORE_ARGV, *self._audit_args(deep_below)],
             mounts=[Mount(source=run_dir / "program.toml", target=contract.PROGRAM_TOML),
                     Mount(source=run_dir / "artifact", target=contract.ARTIFACT), *data_mounts],
             stdin=val_stream, env=env, output_dir=run_dir / "score-out", log_path=run_dir / "score-log.txt",
             gpu=lease.gpu, limits=self.limits(lease), deadline_s=self.lab.config.score_allowance_s,
             labels=self._labels(run_id, agent, "score"))
 
+    def _audit_args(self, deep_below: float | None) -> list[str]:
+        if deep_below is None:
+            return []
+        sigma = self.lab.noise().unit
+        return ["--deep-below", repr(deep_below), *(["--noise-sigma", repr(sigma)] if sigma else [])]
+
     # -- the experiment ------------------------------------------------------------------------
 
     async def run(self, run_id: str, agent: str, snapshot: str, lease: Lease,
                   on_status: Callable[[str], None], on_progress: Callable[[dict[str, Any]], None],
-                  seed: int | None = None) -> Attempt:
+                  seed: int | None = None, deep_below: float | None = None) -> Attempt:
+        """Train, then score; the score phase audits causality deeply when val_bpb < deep_below."""
         program = self.lab.program()
         reference = time_reference(self.lab, agent, program.budget_s)
         clock: list[float] = []
@@ -209,7 +218,7 @@ class Phases:
             return Attempt(status="unscorable", reason=f"the train phase's export is unusable: {why}", train=train,
                            log_tail=outcome.log_tail, **timing)
         on_status("scoring: the exported model, in a separate container")
-        score_spec = self.score_spec(run_id, agent, lease)
+        score_spec = self.score_spec(run_id, agent, lease, deep_below)
         t1 = time.monotonic()
         scored = await backend.run(score_spec)
         timing["score_phase_s"] = round(time.monotonic() - t1, 3)

@@ -7,7 +7,9 @@ unpickles weights with weights_only=False, so an artifact could run code when lo
 
 The scorer refuses an artifact before anything in it is loaded: any file but these two, a
 weights file that is not safetensors, or a graph node whose target is not a tensor op (aten,
-prims), one of trainer's registered ops (trainer.ops) or a small set of pure Python operators.
+prims), one of trainer's registered ops (trainer.ops) or a small set of pure Python operators. It
+refuses a graph that is not a pure function of its tokens too (state, in-place writes, random ops):
+the causality audit (trainer.audit) calls it many times and must question the model it scored.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import struct
 from pathlib import Path
 
 import torch
+from torch.export.graph_signature import OutputKind
 
 from trainer.config import TrainerError
 from trainer.contract import ARTIFACT_FILES
@@ -63,11 +66,16 @@ def export_model(model: torch.nn.Module, example: torch.Tensor, folder: Path) ->
     model.eval()
     try:
         with torch.no_grad():
-            program = torch.export.export(model, (example,), strict=False)
+            # functional: in-place ops become pure ones, and a write to the model's own state shows as such
+            program = torch.export.export(model, (example,), strict=False).run_decompositions({})
     except Exception as e:  # noqa: BLE001 — every export failure is the run's, with its reason
         raise ExportFailed(f"torch.export failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}") from e
     finally:
         model.train(was_training)
+    try:
+        check_pure(program)
+    except ArtifactInvalid as e:
+        raise ExportFailed(str(e)) from e
     from torch._export.serde.serialize import serialize
 
     try:
@@ -158,6 +166,38 @@ def check_targets(targets: set[str], trusted_ops: set[str]) -> None:
                                  f"know; use trainer.ops or plain torch ops in the model you submit ({HINT})")
 
 
+def check_pure(program) -> None:
+    """Refuse a forward that is not a pure function of its tokens: one that writes to its own state
+    or its input (the scorer calls it many times: state would let a call see what earlier ones were
+    shown), or draws random numbers."""
+    for spec in program.graph_signature.output_specs:
+        if spec.kind != OutputKind.USER_OUTPUT:
+            raise ArtifactInvalid(f"the submitted forward writes to {spec.target or 'its input'} "
+                                  f"({spec.kind.name.lower()}): a scored model must be a pure function of its "
+                                  "tokens, keeping no state from one call to the next")
+    for gm in program.graph_module.modules():
+        for node in getattr(getattr(gm, "graph", None), "nodes", ()):
+            op = node.target
+            if node.op != "call_function" or not isinstance(op, torch._ops.OpOverload):
+                continue
+            if op._schema.is_mutable:
+                raise ArtifactInvalid(f"the graph calls {op}, which writes into a tensor in place: a scored model "
+                                      "must be a pure function of its tokens")
+            if torch.Tag.nondeterministic_seeded in op.tags and _draws(node):
+                raise ArtifactInvalid(f"the graph calls {op}, which draws random numbers: a scored model must give "
+                                      "the same logits for the same tokens")
+
+
+def _draws(node) -> bool:
+    """Whether a node of a random-tagged op draws: attention kernels carry the tag for their dropout,
+    which an eval graph sets to 0."""
+    names = [a.name for a in node.target._schema.arguments]
+    if "dropout_p" not in names:
+        return True
+    i = names.index("dropout_p")
+    return node.kwargs.get("dropout_p", node.args[i] if len(node.args) > i else 0.0) != 0
+
+
 def load_model(folder: Path, device: torch.device, trusted_ops: set[str]) -> torch.nn.Module:
     """Check the artifact, then rebuild its forward as a module on `device` (no pickle, no train.py code)."""
     check_files(folder)
@@ -189,8 +229,12 @@ def load_model(folder: Path, device: torch.device, trusted_ops: set[str]) -> tor
     try:
         program = ExportedProgramDeserializer().deserialize(
             _bytes_to_dataclass(schema.ExportedProgram, raw), state, consts, None)
-        module = program.module()
     except Exception as e:  # noqa: BLE001 — a graph we cannot rebuild is not scored
+        raise ArtifactUnscorable(f"the exported graph cannot be rebuilt: {type(e).__name__}: {e}") from e
+    check_pure(program)
+    try:
+        module = program.module()
+    except Exception as e:  # noqa: BLE001
         raise ArtifactUnscorable(f"the exported graph cannot be rebuilt: {type(e).__name__}: {e}") from e
     return Exported(module.to(device))
 

@@ -110,7 +110,7 @@ class ProgramConfig(_Frozen):
     autocast: Literal["bfloat16", "none"] = "bfloat16"
     """Precision the harness evaluates under (on CUDA); the seed evaluates in bf16 autocast."""
     check_causality: bool = True
-    """Refuse a model whose logits depend on later tokens (trainer.evaluate.check_causality)."""
+    """Audit causality and refuse a model whose predictions depend on later tokens (trainer.audit)."""
     scoring: Literal["sealed", "in-process"] = "sealed"
     """sealed: the exported model is scored in a separate trusted process; in-process: scored inside
     train.py's process, so its runs are marked unverified and never the lab's best over a sealed one."""

@@ -119,6 +119,9 @@ class ScoreResult(_Result):
     load_seconds: float = 0.0
     eval_seconds: float = 0.0
     eval_parts_seconds: dict[str, float] | None = None
+    audit: dict[str, float | int | bool] | None = None
+    """The causality audit: positions tested, deep or not, the worst and mean advantage (nats) of
+    seeing later tokens (trainer.audit)."""
     total_seconds: float = 0.0
     traceback_tail: str | None = None
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainer.audit import Audit, deep_positions, judge, routine_positions
 from trainer.baseline import target_histogram, unigram_bpb_of_histogram
 from trainer.config import ProgramConfig, TrainerError
 from trainer.loader import BatchStream
@@ -31,7 +32,7 @@ class EvaluationError(TrainerError, ValueError):
 
 
 class NotCausalError(EvaluationError):
-    """The model's logits at a position depend on later tokens: it would score far too well."""
+    """The model's prediction at a position depends on later tokens: it would score far too well."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,11 +42,12 @@ class NotCausalError(EvaluationError):
 
 @torch.no_grad()
 def evaluate_bpb(model, rows: list[torch.Tensor], token_bytes: torch.Tensor,
-                 autocast_dtype: torch.dtype | None = None) -> float:
-    """rows: int64 tensors (B, T+1) on the model's device; model(x) returns logits (B, T, V)."""
+                 autocast_dtype: torch.dtype | None = None, audit: Audit | None = None) -> float:
+    """rows: int64 tensors (B, T+1) on the model's device; model(x) returns logits (B, T, V). The audit,
+    if any, keeps the losses of its tested positions."""
     nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
     nbytes = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
-    for row in rows:
+    for i, row in enumerate(rows):
         x, y = row[:, :-1], row[:, 1:]
         ctx = (torch.autocast(device_type=x.device.type, dtype=autocast_dtype)
                if autocast_dtype is not None else nullcontext())
@@ -54,6 +56,8 @@ def evaluate_bpb(model, rows: list[torch.Tensor], token_bytes: torch.Tensor,
         check_logits(logits, y, token_bytes.numel())
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
                                reduction="none")
+        if audit is not None:
+            audit.record(i, loss, logits.dtype)
         b = token_bytes[y.reshape(-1)]  # 0 for special tokens
         # where, not boolean indexing: indexing waits for the GPU on every batch
         nats += torch.where(b > 0, loss.double(), 0.0).sum()
@@ -74,59 +78,6 @@ def check_logits(logits, y: torch.Tensor, vocab_size: int) -> None:
         raise EvaluationError(f"model(x) returned {logits.dtype} logits; expected floating point")
 
 
-# A causal model gives the same prefix logits bit for bit (masked keys add exactly zero); the slack
-# is many ulps of the precision the forward runs in: bf16's 0.0625 at |logit| < 16 under autocast,
-# fp32's ~1e-6 without. A model that reads ahead moves them by units once trained, but by far less
-# after a few seconds of training (seen under load: 4-s runs of a lost causal mask passed the bf16
-# slack on the CPU), hence the fp32 slack where nothing runs in bf16.
-CAUSALITY_ATOL, CAUSALITY_RTOL = 1.0, 0.05  # under autocast (bf16/fp16)
-CAUSALITY_ATOL_FP32, CAUSALITY_RTOL_FP32 = 1e-3, 1e-3
-
-
-@torch.no_grad()
-def check_causality(model, row: torch.Tensor, vocab_size: int, autocast_dtype: torch.dtype | None = None,
-                    seed: int = EVAL_SEED) -> None:
-    """Raise EvaluationError if the model's logits at a position depend on later tokens.
-
-    Every row of one evaluation batch is cut at a random position and its tokens after the cut
-    replaced by other tokens (another row's, shifted); the logits up to the cut must not move. A
-    model that peeks ahead (an attention mask lost in an edit, a shifted input) would score far too
-    well; this catches it before it is scored. Sealed, it runs in the scorer on the exported graph, out
-    of reach of train.py's code.
-    """
-    x = row[:, :-1]
-    B, T = x.shape
-    if T < 2:
-        return
-    g = torch.Generator().manual_seed(seed)
-    cuts = torch.randint(0, T - 1, (B,), generator=g).to(x.device)  # keep positions 0..cut
-    later = torch.arange(T, device=x.device)[None, :] > cuts[:, None]
-    # the probe is laid out as x is (a view of a (B, T+1) row): with other strides a compiled model
-    # would compile a second eval graph for it
-    probe = torch.empty_like(row)[:, :-1]
-    torch.where(later, x.roll((1, 7), dims=(0, 1)), x, out=probe)  # other tokens, even with one row
-    ctx = (torch.autocast(device_type=x.device.type, dtype=autocast_dtype)
-           if autocast_dtype is not None else nullcontext())
-    with ctx:
-        a, b = model(x), model(probe)
-    for logits in (a, b):
-        check_logits(logits, x, vocab_size)
-    half = autocast_dtype is not None or a.dtype in (torch.bfloat16, torch.float16)
-    atol, rtol = (CAUSALITY_ATOL, CAUSALITY_RTOL) if half else (CAUSALITY_ATOL_FP32, CAUSALITY_RTOL_FP32)
-    for i in torch.nonzero((probe != x).any(dim=1)).flatten().tolist():  # rows whose future differs
-        n = int(cuts[i]) + 1  # one row's prefix at a time: full-batch float logits can be many GB
-        ai, bi = a[i, :n].float(), b[i, :n].float()
-        excess = ((ai - bi).abs() - atol - rtol * ai.abs()).amax(dim=-1)
-        if float(excess.max()) <= 0:  # NaN counts as moved
-            continue
-        t = int(excess.nan_to_num(float("inf")).argmax())
-        worst = float((ai[t] - bi[t]).abs().max())
-        raise NotCausalError(
-            f"the model is not causal: its logits at position {t} of a row moved by {worst:.3g} when "
-            f"only tokens after position {int(cuts[i])} changed; a language model may look only at "
-            f"earlier tokens (check the attention mask and that inputs are not shifted)")
-
-
 def eval_rows_numpy(data_dir, program: ProgramConfig, val: TokenSplit | None = None) -> list[np.ndarray]:
     """The fixed evaluation batches: eval_tokens // (eval_batch_size * seq_len) of them, from the
     validation split in data_dir or the one given."""
@@ -140,28 +91,45 @@ def eval_rows_numpy(data_dir, program: ProgramConfig, val: TokenSplit | None = N
 
 
 def evaluate_program(model, data_dir, program: ProgramConfig, device: torch.device,
-                     val: TokenSplit | None = None) -> dict:
-    """val_bpb of `model` and the unigram baseline on the very same targets, and where the time went
-    (seconds: rows, the causality check, which includes compiling the model's eval graph, scoring)."""
+                     val: TokenSplit | None = None, deep_below: float | None = None,
+                     sigma: float | None = None) -> dict:
+    """val_bpb of `model` and the unigram baseline on the very same targets, the causality audit's
+    figures (trainer.audit; NotCausalError when it refuses the model: deep when val_bpb < deep_below,
+    sized by the lab's σ), and where the time went (seconds: rows, scoring, audit)."""
     t0 = time.monotonic()
     arrays = eval_rows_numpy(data_dir, program, val)
     token_bytes = load_token_bytes(data_dir)
     counts = np.load(f"{data_dir}/train_counts.npy")
     hist = target_histogram((a[:, 1:] for a in arrays), len(token_bytes))
     baseline = unigram_bpb_of_histogram(counts, token_bytes, hist)
+    bytes_per_token = float((hist * token_bytes).sum() / max(int(hist[token_bytes > 0].sum()), 1))
+    routine_n = routine_positions(len(arrays), program.eval_batch_size)
+    deep_n = deep_positions(sigma, bytes_per_token, len(token_bytes), len(arrays), program.eval_batch_size)
+    audit = None
+    if program.check_causality:
+        audit = Audit(arrays, token_bytes, deep_n if deep_below is not None else routine_n)
     rows = [torch.from_numpy(a).to(device).long() for a in arrays]
     dtype = torch.bfloat16 if (device.type == "cuda" and program.autocast == "bfloat16") else None
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
     t1 = time.monotonic()
+    finding = None
     try:
-        if program.check_causality:
-            check_causality(model, rows[0], len(token_bytes), dtype)
+        bpb = evaluate_bpb(model, rows, torch.from_numpy(token_bytes).to(device), dtype, audit)
         t2 = time.monotonic()
-        bpb = evaluate_bpb(model, rows, torch.from_numpy(token_bytes).to(device), dtype)
+        if audit is not None:
+            deep = deep_below is not None and bpb < deep_below
+            scored = audit.scored_losses()
+            n = min(len(scored), deep_n if deep else routine_n)
+            finding = judge(audit, scored, n, model, len(token_bytes), device, dtype, deep, bytes_per_token)
     finally:
         if was_training:
             model.train()
-    seconds = {"rows": t1 - t0, "causality": t2 - t1, "scoring": time.monotonic() - t2}
-    return {"val_bpb": bpb, "unigram_bpb": baseline, "eval_tokens": int(hist.sum()), "seconds": seconds}
+    seconds = {"rows": t1 - t0, "scoring": t2 - t1, "audit": time.monotonic() - t2}
+    if finding is not None and finding.refusal:
+        raise NotCausalError(finding.refusal)
+    return {"val_bpb": bpb, "unigram_bpb": baseline, "eval_tokens": int(hist.sum()), "seconds": seconds,
+            "audit": None if finding is None else {"positions": finding.positions, "deep": finding.deep,
+                                                   "worst_nats": round(finding.worst_nats, 6),
+                                                   "mean_nats": round(finding.mean_nats, 7)}}

@@ -4,9 +4,10 @@ Usage:
     python -m trainer.score --program /work/program.toml --artifact /artifact --data /data --val-stdin
 
 Reads the validation split from stdin, checks and loads the artifact (trainer.artifact: no pickle,
-no code of train.py, only known ops), checks causality on the loaded graph, scores it with the
-fixed metric (trainer.evaluate) and prints one line, SCORE_MARKER + ScoreResult as JSON, on stdout:
-the host reads that line and nothing else. Nothing the train phase wrote is read but the artifact.
+no code of train.py, only known ops, a pure function of its tokens), scores it with the fixed metric
+(trainer.evaluate), audits its causality (trainer.audit: deeply when --deep-below says the run could
+be kept) and prints one line, SCORE_MARKER + ScoreResult as JSON, on stdout: the host reads that line
+and nothing else. Nothing the train phase wrote is read but the artifact.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from trainer.contract import SCORE_MARKER, ScoreResult
 TRACEBACK_CHARS = 4000
 
 
-def score(program_path: Path, artifact: Path, data_dir: Path, val_stdin: bool) -> ScoreResult:
+def score(program_path: Path, artifact: Path, data_dir: Path, val_stdin: bool, deep_below: float | None = None,
+          sigma: float | None = None) -> ScoreResult:
     t0 = time.monotonic()
     fields: dict = {}
     try:
@@ -61,7 +63,7 @@ def score(program_path: Path, artifact: Path, data_dir: Path, val_stdin: bool) -
         print(f"scorer: artifact loaded in {fields['load_seconds']:.2f} s", flush=True)
         t2 = time.monotonic()
         try:
-            scores = evaluate_program(model, data_dir, program, device, val)
+            scores = evaluate_program(model, data_dir, program, device, val, deep_below=deep_below, sigma=sigma)
         except NotCausalError as e:
             return ScoreResult(status="invalid", reason=str(e), **fields, total_seconds=round(time.monotonic() - t0, 2))
         except EvaluationError as e:
@@ -69,6 +71,7 @@ def score(program_path: Path, artifact: Path, data_dir: Path, val_stdin: bool) -
                                total_seconds=round(time.monotonic() - t0, 2))
         fields["eval_seconds"] = round(time.monotonic() - t2, 2)
         fields["eval_parts_seconds"] = {k: round(v, 2) for k, v in scores["seconds"].items()}
+        fields["audit"] = scores["audit"]
         if not math.isfinite(scores["val_bpb"]):
             return ScoreResult(status="crash", reason=f"evaluation gave val_bpb {scores['val_bpb']}: the model's "
                                "logits are not finite", **fields, total_seconds=round(time.monotonic() - t0, 2))
@@ -88,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--artifact", required=True, type=Path, help="the exported model's folder")
     ap.add_argument("--data", required=True, type=Path, help="the prepared data folder")
     ap.add_argument("--val-stdin", action="store_true", help="read the validation split from stdin")
+    ap.add_argument("--deep-below", type=float, help="audit causality deeply when val_bpb is below this "
+                    "(the agent's best: a run that could be kept)")
+    ap.add_argument("--noise-sigma", type=float, help="the lab's σ of val_bpb over seeds: sizes the deep audit")
     args = ap.parse_args(argv)
-    result = score(args.program, args.artifact, args.data, args.val_stdin)
+    result = score(args.program, args.artifact, args.data, args.val_stdin, args.deep_below, args.noise_sigma)
     if result.traceback_tail:
         print(result.traceback_tail, file=sys.stderr, flush=True)
     print(f"scorer: {result.status}" + (f", val_bpb {result.val_bpb:.6f}" if result.val_bpb is not None else "")

@@ -27,12 +27,14 @@ FOREIGN_TRAIN = TRIVIAL_TRAIN.replace("import time\n", "import os\nimport time\n
 
 
 def engine_pids() -> list[int]:
-    """The pids of the dockerd processes that this suite did not start (its own sockets live in ar-engine-*)."""
+    """The pids of the dockerd processes that this suite did not start (its own sockets live in ar-engine-*).
+    dockerd re-executes itself for archive work (argv[0] docker-untar, docker-applyLayer...): not engines."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
             if proc.name.isdigit() and Path(proc, "exe").resolve().name == "dockerd":
-                if b"ar-engine-" not in (proc / "cmdline").read_bytes():
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                if Path(argv[0].decode(errors="replace")).name == "dockerd" and b"ar-engine-" not in b" ".join(argv):
                     pids.append(int(proc.name))
         except OSError:
             continue

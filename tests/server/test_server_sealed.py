@@ -28,12 +28,14 @@ LOOP_END = "trainer.submit(model, attention=[(MODEL_DIM, SEQ_LEN)] * DEPTH)\n"
 
 
 async def run_with(client: Client, text: str, description: str) -> dict:
-    """Replace train.py with `text` through apply_patch, then run it; the tool's structured result."""
+    """Replace train.py with `text` through apply_patch (unless it is that already), then run it; the
+    tool's structured result."""
     old = (await client.call_tool("read_train", {})).structured_content["text"]
-    diff = "".join(difflib.unified_diff(old.splitlines(keepends=True), text.splitlines(keepends=True),
-                                        "a/train.py", "b/train.py"))
-    patched = await client.call_tool("apply_patch", {"diff": diff})
-    assert not patched.is_error, patched.content
+    if old != text:
+        diff = "".join(difflib.unified_diff(old.splitlines(keepends=True), text.splitlines(keepends=True),
+                                            "a/train.py", "b/train.py"))
+        patched = await client.call_tool("apply_patch", {"diff": diff})
+        assert not patched.is_error, patched.content
     result = await client.call_tool("run_experiment", {"description": description})
     assert not result.is_error, result.content
     return result.structured_content
@@ -97,6 +99,66 @@ trainer.submit = trainer.api.submit = fake_submit
 async def test_a_replaced_submit_scores_nothing(client):
     result = await run_with(client, TRAIN.replace(LOOP_END, PATCH_SUBMIT + LOOP_END), "replace trainer.submit")
     assert result["val_bpb"] is None and result["status"] in ("unscorable", "crash")
+
+
+READS_AHEAD = """
+import random
+from trainer.evaluate import EVAL_SEED
+
+
+class ReadsAhead(nn.Module):
+    \"\"\"Issue 34's wrappers: `beta` added to the next token's logit, read off the input; at a share of
+    positions a keyed hash picks (the key drawn as train.py runs), or everywhere but the cuts that the
+    old check drew from EVAL_SEED.\"\"\"
+
+    def __init__(self, inner, beta, share=1.0, spare_old_cuts=False):
+        super().__init__()
+        self.inner, self.beta, self.share = inner, beta, share
+        self.key = random.randrange(1, 1 << 20)
+        spare = torch.ones(EVAL_ROWS, SEQ_LEN)
+        if spare_old_cuts:
+            cuts = torch.randint(0, SEQ_LEN - 1, (EVAL_ROWS,), generator=torch.Generator().manual_seed(EVAL_SEED))
+            spare[torch.arange(SEQ_LEN)[None, :] <= cuts[:, None]] = 0.0
+        self.register_buffer("spare", spare)
+
+    def forward(self, x):
+        logits = self.inner(x)
+        nxt = torch.cat([x[:, 1:], x[:, -1:]], dim=1)
+        bonus = self.beta * F.one_hot(nxt, logits.shape[-1]).to(logits.dtype) * self.spare.unsqueeze(-1)
+        if self.share < 1:
+            h = (x * self.key + torch.roll(x, 1, 1) * 40503 + self.key) % 10007
+            bonus = bonus * (h < int(self.share * 10007)).unsqueeze(-1).to(logits.dtype)
+        return logits + bonus
+
+
+EVAL_ROWS = cfg.eval_batch_size
+model = ReadsAhead(model, {beta}, {share}, {spare})
+"""
+
+
+async def test_a_model_that_reads_ahead_is_invalid_never_kept(client):
+    """Issue 34's attacks through the normal run path. The first run (alice has no best yet, so the
+    audit is deep) reads ahead at 1 % of positions; after an honest run (kept), a bonus on the next
+    token at every position, from under the old check's tolerance (0.5, 0.95) to over it, and a large
+    one everywhere but the old check's fixed cuts."""
+    attacks = [("1 % of positions", 30.0, 0.01, False)]
+    later = [(f"+{beta} on the next token", beta, 1.0, False) for beta in (0.5, 0.95, 2.0)]
+    later.append(("+30 around the old check's cuts", 30.0, 1.0, True))
+    results = {}
+    for case in attacks + [None] + later:
+        if case is None:
+            honest = await run_with(client, TRAIN, "honest")
+            assert honest["status"] == "ok" and honest["kept"], honest
+            continue
+        what, beta, share, spare = case
+        code = READS_AHEAD.format(beta=beta, share=share, spare=spare)
+        results[what] = await run_with(client, TRAIN.replace(LOOP_END, code + LOOP_END), f"reads ahead: {what}")
+    for what, result in results.items():
+        assert result["status"] == "invalid" and not result["kept"] and result["val_bpb"] is None, (what, result)
+        assert "not causal" in result["reason"], (what, result["reason"])
+    assert "drawn at random" in results["1 % of positions"]["reason"]
+    rows = ledger_rows(client.lab_root)
+    assert [r.decision for r in rows] == ["invalid", "keep", "invalid", "invalid", "invalid", "invalid"]
 
 
 def needle(data: Path, split: str, avoid: Path | None = None) -> tuple[str, str]:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from trainer import ops
-from trainer.artifact import ArtifactInvalid, ArtifactUnscorable, check_targets, export_model, load_model
+from trainer.artifact import (ArtifactInvalid, ArtifactUnscorable, ExportFailed, _save_tensors, check_targets, export_model,
+                              load_model)
 from trainer.config import load_program
 from trainer.evaluate import NotCausalError, evaluate_program
 from trainer_testlib import PROGRAMS, TINY_TOML, derive_program, mini, score_export
@@ -112,6 +113,53 @@ def test_a_model_that_peeks_ahead_is_refused_on_its_exported_graph(tmp_path, tin
     model = load_model(tmp_path / "m", torch.device("cpu"), ops.trusted_ops())
     with pytest.raises(NotCausalError, match="not causal"):
         evaluate_program(model, tiny_data, program, torch.device("cpu"))
+
+
+class Remembers(torch.nn.Module):
+    """Keeps the last tokens it was shown: a later call could read a row's future from them."""
+
+    def __init__(self, vocab: int = 64):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, vocab)
+        self.register_buffer("seen", torch.zeros(2, 8, dtype=torch.long))
+
+    def forward(self, x):
+        self.seen.copy_(x)
+        return self.embed(x)
+
+
+class Dice(torch.nn.Module):
+    def __init__(self, vocab: int = 64):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, vocab)
+
+    def forward(self, x):
+        h = self.embed(x)
+        return h + torch.rand_like(h)
+
+
+@pytest.mark.parametrize(("model", "why"), [(Remembers, "writes to seen"), (Dice, "draws random numbers")])
+def test_a_forward_that_keeps_state_or_draws_random_numbers_is_not_exported(tmp_path, model, why):
+    with pytest.raises(ExportFailed, match=why):
+        export_model(model(), torch.zeros((2, 8), dtype=torch.long), tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_hand_made_graph_that_writes_in_place_is_refused_by_the_scorer(tmp_path):
+    """The harness exports functional graphs; an artifact written by other means (the training IR, whose
+    copy_ writes the buffer in place) is refused before it runs."""
+    from torch._export.serde.serialize import serialize  # noqa: PLC0415
+
+    with torch.no_grad():
+        program = torch.export.export(Remembers().eval(), (torch.zeros((2, 8), dtype=torch.long),), strict=False)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model.json").write_bytes(serialize(program, serialize_state_dict=False, serialize_constants=False,
+                                                  serialize_example_inputs=False).exported_program)
+    _save_tensors({f"{'param' if k in program.graph_signature.parameters else 'state'}:{k}": v
+                   for k, v in program.state_dict.items()}, folder / "weights.safetensors")
+    with pytest.raises(ArtifactInvalid, match="aten.copy_.default, which writes into a tensor in place"):
+        load_model(folder, torch.device("cpu"), ops.trusted_ops())
 
 
 def test_the_op_check_sorts_targets_into_allowed_forbidden_and_unknown():
