@@ -155,6 +155,7 @@ class Experiments:
         run_id = pending.record.run_id
         try:
             try:
+                await asyncio.to_thread(self.lab.bound_cache, pending.record.agent)
                 outcome = await self._run_in_sandbox(pending)
                 decided = await self._decide(pending, outcome)  # confirm reruns: cancellable like the run
             except asyncio.CancelledError:
@@ -169,6 +170,12 @@ class Experiments:
             pending.show(f"finishing: recording the {outcome.status} result")
             return await finish_despite_cancel(asyncio.ensure_future(self._record_or_fail(pending, outcome, decided)))
         finally:
+            try:  # recorded (or given up): its folder keeps only what the books read
+                freed = self.lab.trim_run(run_id)
+                if freed > 2**30:
+                    logger.info("run_folder_trimmed", run_id=run_id, gb=round(freed / 2**30, 2))
+            except OSError:
+                logger.exception("run_folder_trim_failed", run_id=run_id)
             pending.lock.close()
 
     async def _record_or_fail(self, pending: Pending, outcome: Attempt, decided: Decided) -> ExperimentResult:

@@ -19,6 +19,8 @@ import fcntl
 import hashlib
 import os
 import re
+import shutil
+import stat
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -136,6 +138,36 @@ class Lab:
 
     def cache_dir(self, agent: str) -> Path:
         return self.root / "cache" / agent
+
+    def bound_cache(self, agent: str) -> int:
+        """Empty the agent's compile cache when it holds more than agent_cache_gb (a run may fill it with
+        anything; a compile cache only saves time). The bytes freed."""
+        folder = self.cache_dir(agent)
+        size = tree_bytes(folder)
+        if size <= self.config.agent_cache_gb * 2**30:
+            return 0
+        for entry in list(folder.iterdir()):
+            remove(entry)
+        logger.warning("agent_cache_emptied", agent=agent, gb=round(size / 2**30, 2),
+                       limit_gb=self.config.agent_cache_gb)
+        return size
+
+    def trim_run(self, run_id: str) -> int:
+        """Once a run is recorded: keep what the books, the tools and the dashboard read (train.py,
+        program.toml, the logs, out/result.json, out/progress.jsonl; each cut to its last
+        KEPT_FILE_BYTES), delete the rest (the export, its copy, whatever train.py left in /out). The
+        bytes freed."""
+        run_dir = self.run_dir(run_id)
+        before = tree_bytes(run_dir)
+        for entry in list(run_dir.iterdir()) if run_dir.is_dir() else []:
+            if entry.name == "out" and entry.is_dir() and not entry.is_symlink():
+                for inner in list(entry.iterdir()):
+                    if inner.name in KEPT_OUTPUTS and keep_file(inner):
+                        continue
+                    remove(inner)
+            elif not keep_file(entry):
+                remove(entry)
+        return before - tree_bytes(run_dir)
 
     def results_path(self, agent: str) -> Path:
         return self.root / "results" / f"{agent}.tsv"
@@ -344,6 +376,45 @@ def read_results(path: Path) -> list[dict[str, str]]:
 
 
 __all__ = ["Lab", "create_lab", "check_agent", "program_dir", "write_results_row", "read_results", "TRAIN"]
+
+
+KEPT_OUTPUTS = ("result.json", "progress.jsonl")
+KEPT_FILE_BYTES = 4 << 20
+
+
+def tree_bytes(folder: Path) -> int:
+    """Bytes of the regular files under folder (symlinks not followed)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(root, name))
+                total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return total
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def keep_file(path: Path) -> bool:
+    """Whether a regular file is kept (cut to its last KEPT_FILE_BYTES); anything else is not."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    if st.st_size > KEPT_FILE_BYTES:
+        with open(path, "rb") as f:
+            f.seek(st.st_size - KEPT_FILE_BYTES)
+            tail = f.read()
+        path.write_bytes(tail)
+    return True
 
 
 def run_log_lines(run_dir: Path) -> list[str]:

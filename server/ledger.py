@@ -204,15 +204,14 @@ class Ledger:
         rows = self._rows("SELECT * FROM runs WHERE run_id = ?", (run_id,))
         return rows[0] if rows else None
 
-    def runs(self, agent: str | None = None, status: str | None = None, limit: int | None = None) -> list[RunRecord]:
-        """Runs newest first, optionally of one agent and/or one status."""
+    def runs(self, agent: str | None = None, status: str | None = None, limit: int | None = None,
+             code_hash: str | None = None) -> list[RunRecord]:
+        """Runs newest first, optionally of one agent, one status and/or one train.py."""
         where, args = [], []
-        if agent is not None:
-            where.append("agent = ?")
-            args.append(agent)
-        if status is not None:
-            where.append("status = ?")
-            args.append(status)
+        for column, value in (("agent", agent), ("status", status), ("code_hash", code_hash)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
         sql = "SELECT * FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY created_at DESC, seq DESC"
         if limit is not None:

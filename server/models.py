@@ -65,10 +65,15 @@ class LabConfig(BaseModel):
     score_allowance_s: float = 600.0
     """The score phase's hard deadline (load, evaluation, causality audit)."""
     max_hidden_training_frac: float = 0.1
-    """A run whose train phase starts its clock later, or ends later after its budget, than this
-    agent's recent runs by more than this fraction of the budget is refused as invalid."""
+    """A run whose train phase starts its clock later, or ends later after its budget, than the lab's
+    baseline runs (main's train.py: calibration runs first) by more than this fraction of the budget is
+    refused as invalid."""
     min_time_slack_s: float = 5.0
     """...but never by less than this many seconds (container start-up jitters)."""
+    agent_cache_gb: float = Field(default=20.0, gt=0)
+    """An agent's compile cache (written by its runs) is emptied before its next run once it holds more
+    than this; with a run's writable folders capped at limits.disk_gb while it runs and trimmed once it
+    is recorded, this bounds each agent's share of the lab's disk."""
     min_free_mb: int = Field(default=100, ge=0)
     """A run is refused while the lab's disk has less free space than this: its record, commit and
     logs need room, and a run that cannot be recorded is lost."""

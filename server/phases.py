@@ -5,7 +5,8 @@ tokens. The score phase runs trusted code only, on a host-made copy of that expo
 validation split on its stdin, and answers on its stdout. The val_bpb of a sealed run comes only
 from that answer. The host also times the train phase from outside (the container's start, the
 harness's clock line as it arrives, the container's exit): training hidden outside the clock can
-gain at most a tenth of the budget before the run is refused as `invalid`.
+gain at most a tenth of the budget before the run is refused as `invalid`, judged against the lab's
+baseline runs, never the agent's own (time_reference).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from trainer.config import set_top_level
 from trainer.contract import ContractError, ScoreResult, TrainResult
 
 from server import log
-from server.lab import Lab
+from server.lab import Lab, code_hash
 
 logger = log.get("phases")
 
@@ -60,23 +61,37 @@ class Attempt(BaseModel):
 
 @dataclass(frozen=True)
 class TimeReference:
-    """How long this agent's recent ok runs took to start their clock, and past their budget to exit."""
+    """How long the lab's baseline runs took to start their clock (warm: the median of the recent ones;
+    cold: the slowest, a start that compiled into an empty cache) and past their budget to exit."""
 
     startup_s: float
+    cold_startup_s: float
     tail_s: float
     runs: int
 
 
-def time_reference(lab: Lab, agent: str, budget_s: float, recent: int = 5) -> TimeReference | None:
-    """The agent's recent ok runs (else the lab's), medians; None for a lab without any."""
-    for who in (agent, None):
-        rows = [r for r in lab.ledger.runs(agent=who, status="ok", limit=4 * recent)
-                if r.startup_seconds is not None and r.train_phase_seconds is not None][:recent]
-        if rows:
-            return TimeReference(statistics.median(r.startup_seconds for r in rows),
-                                 statistics.median(r.train_phase_seconds - r.startup_seconds - budget_s for r in rows),
-                                 len(rows))
-    return None
+def time_reference(lab: Lab, baseline: str, budget_s: float, recent: int = 5) -> TimeReference | None:
+    """From the lab's ok runs of its baseline train.py (main's, hash `baseline`): its calibration runs
+    when it has any, else any agent's. Never the agent's own changes: an agent that starts its clock a
+    little later each run cannot widen its own allowance. None before the baseline has run."""
+    rows = [r for r in lab.ledger.runs(status="ok", code_hash=baseline)
+            if r.startup_seconds is not None and r.train_phase_seconds is not None]
+    rows = [r for r in rows if r.role == "calibration"] or rows
+    if not rows:
+        return None
+    latest = rows[:recent]
+    return TimeReference(statistics.median(r.startup_seconds for r in latest),
+                         max(r.startup_seconds for r in rows),
+                         statistics.median(r.train_phase_seconds - r.startup_seconds - budget_s for r in latest),
+                         len(latest))
+
+
+def cache_files(folder: Path) -> set[str]:
+    """The files of an agent's compile cache: one that gains files compiled into it (a cold start)."""
+    try:
+        return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+    except OSError:
+        return set()
 
 
 def host_share(slots: int, index: int = 0) -> Limits:
@@ -183,7 +198,10 @@ class Phases:
                   seed: int | None = None, deep_below: float | None = None) -> Attempt:
         """Train, then score; the score phase audits causality deeply when val_bpb < deep_below."""
         program = self.lab.program()
-        reference = time_reference(self.lab, agent, program.budget_s)
+        main = await self.lab.git(self.lab.history.main_commit)
+        baseline = code_hash(await self.lab.git(self.lab.history.train_at, main))
+        reference = time_reference(self.lab, baseline, program.budget_s)
+        cached = cache_files(self.lab.cache_dir(agent))
         clock: list[float] = []
 
         def progress(p: dict[str, Any]) -> None:
@@ -199,6 +217,8 @@ class Phases:
         outcome = await backend.run(spec, progress)
         timing = dict(train_phase_s=round(time.monotonic() - t0, 3),
                       startup_s=round(clock[0] - t0, 3) if clock else None)
+        # a cluster node keeps the agent's cache on its own disk, out of sight: judged as a cold start
+        cold = lease.runner is not None or bool(cache_files(self.lab.cache_dir(agent)) - cached)
         train, attempt = self._train_attempt(spec, outcome, timing)
         if attempt is not None:
             return attempt
@@ -206,7 +226,7 @@ class Phases:
         wrong = gpu_mismatch(lease.gpu_uuid, train.gpu_uuid)
         if wrong:
             return Attempt(status="infra-error", reason=wrong, train=train, log_tail=outcome.log_tail, **timing)
-        refused = self._time_check(program.budget_s, timing, reference)
+        refused = self._time_check(program.budget_s, timing, reference, cold)
         if refused:
             return Attempt(status="invalid", reason=refused, train=train, log_tail=outcome.log_tail, **timing)
         if program.scoring == "in-process":
@@ -245,18 +265,24 @@ class Phases:
         reason = train.reason or outcome.detail
         return train, Attempt(status=status, reason=reason, train=train, log_tail=tail, **timing)
 
-    def _time_check(self, budget_s: float, timing: dict, ref: TimeReference | None) -> str | None:
-        """Why the run is refused for time spent outside its clock, or None."""
+    def _time_check(self, budget_s: float, timing: dict, ref: TimeReference | None, cold: bool) -> str | None:
+        """Why the run is refused for time spent outside its clock, or None. Judged against the lab's
+        baseline runs (time_reference); a run that compiled into its cache (cold) against the baseline's
+        cold start. Before the baseline has run: the lab's fixed allowances."""
         if timing["startup_s"] is None:
             return "the train phase never reported its clock start (the harness's 'clock' progress line)"
         config = self.lab.config
         startup, tail = timing["startup_s"], timing["train_phase_s"] - timing["startup_s"] - budget_s
-        ref_startup, ref_tail = (ref.startup_s, ref.tail_s) if ref else (config.startup_allowance_s, budget_s)
+        if ref is None:  # the lab's fixed allowances: the deadline's start-up share; the budget or the grace
+            ref_startup, ref_tail = config.startup_allowance_s, max(budget_s, self.lab.program().grace_s)
+        else:
+            ref_startup, ref_tail = (ref.cold_startup_s if cold else ref.startup_s), ref.tail_s
         gain = max(0.0, startup - ref_startup) + max(0.0, tail - ref_tail)
         allowed = max(config.max_hidden_training_frac * budget_s, config.min_time_slack_s)
         if gain <= allowed:
             return None
-        usual = f"{ref.runs} recent run(s) took {ref_startup:.1f} s and {ref_tail:.1f} s" if ref else "first run"
+        usual = (f"the lab's baseline train.py took {ref_startup:.1f} s ({'cold' if cold else 'warm'} start, "
+                 f"{ref.runs} recent run(s)) and {ref_tail:.1f} s" if ref else "the lab's allowances")
         return (f"the train phase took {startup:.1f} s to start its clock and ended {tail:.1f} s past its "
                 f"{budget_s:g}-s budget ({usual}): up to {gain:.1f} s of training outside the clock, more than "
                 f"the {allowed:.1f} s allowed. Do no training before the first trainer.step() or after the last; "

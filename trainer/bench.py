@@ -7,6 +7,7 @@ Usage:
     python -m trainer.bench profile --program P.toml --data DIR --train A.py [--skip 12 --steps 3]
     python -m trainer.bench quality --program P.toml --data DIR --train A.py --train B.py [--seeds 42,43,44]
     python -m trainer.bench edits --program P.toml --data DIR --train A.py --train A-edited.py [...]
+    python -m trainer.bench audit --program P.toml --data DIR --train A.py [--seeds 42,43 --audits 10]
 
 `loader` prints tokens/s of the packer+gather (numpy batches) and, with --device, of the full
 loader (pinned copy to the device included). `run` trains each train.py through the harness
@@ -23,7 +24,10 @@ spread per file over all the rows there (earlier calls' too: a 10-minute slot ma
 and each file's difference from the folder's first file, paired by seed, with a sign test: one run
 is a noisy measurement of a training recipe. `edits` measures what an agent's edits cost besides training:
 the first train.py on an empty compile cache, again on the warm cache, then each further file once
-on that same cache, in order (as one agent's runs share its cache), one row per run.
+on that same cache, in order (as one agent's runs share its cache), one row per run. `audit` trains
+one honest model per seed and runs the causality audit (trainer.audit) on each many times, routine
+then deep: false refusals, the advantage an honest model shows in its precision, and the audit's
+cost against the scoring and the score process, cold and warm.
 """
 
 from __future__ import annotations
@@ -374,6 +378,68 @@ def bench_profile(args: argparse.Namespace) -> None:
     profile_steps(args, *bench_folder(args, "profile-"))
 
 
+def bench_audit(args: argparse.Namespace) -> None:
+    """Honest models through the causality audit (trainer.audit): one per seed, trained by the harness,
+    then audited `--audits` times each (deep, fresh OS-random positions every time). Prints the false
+    refusals, the spread of the advantage an honest model shows, and what the audit costs against
+    the score process (cold: the harness's own score process; warm: repeats in this process)."""
+    import torch  # noqa: PLC0415
+
+    from trainer import ops  # noqa: PLC0415
+    from trainer.artifact import load_model  # noqa: PLC0415
+    from trainer.evaluate import NotCausalError, evaluate_program  # noqa: PLC0415
+
+    out = out_folder(args, "audit-")
+    rows = []
+    for seed in args.seeds:
+        program_path = program_copy(Path(args.program), out / f"program-seed{seed}.toml", budget_s=args.budget_s,
+                                    seed=seed)
+        run = harness_run(program_path, Path(args.train), Path(args.data), out / f"seed{seed}", out / "cache")
+        if run["status"] != "ok":
+            print(f"seed {seed}: {run['status']}: {run.get('reason')}", flush=True)
+            rows.append({"seed": seed, "status": run["status"], "reason": run.get("reason")})
+            continue
+        program = load_program(program_path)
+        device = torch.device(program.device)
+        model = load_model(out / f"seed{seed}" / MODEL_DIR, device, ops.trusted_ops())
+        cold = run["eval_parts_seconds"]
+        audits = []
+        for i in range(args.audits):
+            deep = i > 0  # the first repeat routine, the others deep
+            try:
+                got = evaluate_program(model, Path(args.data), program, device, deep_below=math.inf if deep else None)
+                audits.append({"deep": deep, **got["audit"], **{f"{k}_s": v for k, v in got["seconds"].items()}})
+            except NotCausalError as e:
+                audits.append({"deep": deep, "refused": str(e)})
+        rows.append({"seed": seed, "status": "ok", "val_bpb": run["val_bpb"], "score_wall_s": run["score_wall_seconds"],
+                     "cold_parts_s": cold, "audits": audits})
+        ok = [a for a in audits if "refused" not in a]
+        print(f"seed {seed}: val_bpb {run['val_bpb']:.4f}, {len(audits) - len(ok)} of {len(audits)} audits refused, "
+              f"worst {max((a['worst_nats'] for a in ok), default=float('nan')):.3g} nats", flush=True)
+    (out / "audit.json").write_text(json.dumps(rows, indent=2))
+    done = [r for r in rows if r["status"] == "ok"]
+    audits = [a for r in done for a in r["audits"]]
+    ok = [a for a in audits if "refused" not in a]
+    print(f"\nhonest models: {len(done)} of {len(rows)} trained; audits: {len(audits)}, "
+          f"false refusals: {len(audits) - len(ok)}")
+    if ok:
+        print(f"advantage of an honest model, nats: worst position {max(a['worst_nats'] for a in ok):.3g}, "
+              f"mean over positions in [{min(a['mean_nats'] for a in ok):.3g}, {max(a['mean_nats'] for a in ok):.3g}]")
+    for kind, deep in (("routine", False), ("deep", True)):
+        warm = [a for a in ok if a["deep"] == deep]
+        if warm:
+            scoring = statistics.median(a["scoring_s"] for a in warm)
+            audit = statistics.median(a["audit_s"] for a in warm)
+            print(f"{kind} audit, warm: {warm[0]['positions']} positions, {audit:.2f} s against scoring {scoring:.2f} s "
+                  f"(+{100 * audit / scoring:.0f} % of the scoring)")
+    for r in done:
+        parts = r["cold_parts_s"] or {}
+        audit = parts.get("audit", 0.0)
+        print(f"seed {r['seed']}, cold score process {r['score_wall_s']:.1f} s: routine audit {audit:.2f} s "
+              f"(+{100 * audit / max(r['score_wall_s'] - audit, 1e-9):.1f} % of the rest)")
+    print(f"(logs and audit.json in {out})")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m trainer.bench")
     sub = ap.add_subparsers(dest="what", required=True)
@@ -414,8 +480,16 @@ def main(argv: list[str] | None = None) -> None:
                     help="the base train.py (run on an empty cache, then warm), then each edited copy")
     ed.add_argument("--budget-s", type=float, help="override the program's training budget")
     ed.add_argument("--out", help="folder for the runs, the shared cache and edits.json")
+    au = sub.add_parser("audit", help="honest models through the causality audit: false refusals, spread, cost")
+    au.add_argument("--program", required=True, help="program.toml")
+    au.add_argument("--data", required=True, help="the prepared data folder")
+    au.add_argument("--train", required=True, help="the (honest) train.py")
+    au.add_argument("--seeds", type=seed_list, default=[42, 43, 44], help="comma-separated (default 42,43,44)")
+    au.add_argument("--audits", type=int, default=10, help="audits per model: the first routine, then deep")
+    au.add_argument("--budget-s", type=float, help="override the program's training budget")
+    au.add_argument("--out", help="folder for the runs and audit.json")
     args = ap.parse_args(argv)
-    {"loader": bench_loader, "run": bench_run, "profile": bench_profile, "quality": bench_quality,
+    {"audit": bench_audit, "loader": bench_loader, "run": bench_run, "profile": bench_profile, "quality": bench_quality,
      "edits": bench_edits}[args.what](args)
 
 

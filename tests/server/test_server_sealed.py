@@ -17,7 +17,7 @@ from server_helpers import ledger_rows, open_dir
 from sandbox.gpus import Lease
 
 from server.app import build_server
-from server.lab import Lab
+from server.lab import Lab, tree_bytes
 from server.phases import Phases
 from trainer.contract import parse_score_output
 
@@ -261,6 +261,58 @@ async def test_sliding_the_harness_clock_is_refused(client):
     assert "outside the clock" in result["reason"], result["reason"]
     row = ledger_rows(client.lab_root)[-1]
     assert row.train_phase_seconds > 15 and row.decision == "invalid"
+
+
+@pytest.mark.parametrize("client", [{"min_time_slack_s": 5.0}], indirect=True)  # the product's slack
+async def test_a_slow_start_ratchet_widens_no_allowance(client):
+    """Ten runs, each starting its clock 1.2 s later than the last (time the host cannot tell from
+    training): judged against the lab's baseline run, never the agent's own recent runs, none gains
+    more than the 5-s allowance, however its predecessors drifted (issue 34)."""
+    baseline = await run_with(client, TRAIN, "the baseline, unmodified")
+    assert baseline["status"] == "ok", baseline
+    outcomes = []
+    for k in range(1, 11):
+        hidden = round(1.2 * k, 1)
+        text = TRAIN.replace("import torch\n", f"import torch\nimport time as _t\n_t.sleep({hidden})\n", 1)
+        result = await run_with(client, text, f"start the clock {hidden} s later")
+        outcomes.append((hidden, result["status"], result["reason"]))
+    for hidden, status, reason in outcomes:
+        assert status in ("ok", "invalid"), outcomes
+        if status == "invalid":
+            assert "outside the clock" in reason and "baseline" in reason, reason
+    rows = ledger_rows(client.lab_root)  # what passed started at most 5 s after the baseline did
+    if rows[0].startup_seconds < 20:  # a baseline start not slowed by much on a loaded box: the drift is caught
+        assert all(status == "invalid" for hidden, status, _ in outcomes if hidden >= 10.8), outcomes
+    base_start = rows[0].startup_seconds
+    assert all(r.startup_seconds - base_start <= 5.0 + 1e-3 for r in rows[1:] if r.status == "ok"), \
+        [(r.run_id, r.status, r.startup_seconds) for r in rows]
+
+
+HOARD = """
+import os
+with open("/out/hoard.bin", "wb") as f:  # left in the run's folder, kept forever before issue 34
+    f.write(os.urandom(1 << 20) * 48)
+os.makedirs("/cache/junk", exist_ok=True)
+with open("/cache/junk/hoard.bin", "wb") as f:
+    f.write(bytes(24 << 20))
+"""
+
+
+@pytest.mark.parametrize("client", [{"agent_cache_gb": 0.01}], indirect=True)
+async def test_what_a_run_leaves_is_trimmed_and_its_cache_is_bounded(client):
+    first = await run_with(client, TRAIN.replace(LOOP_END, HOARD + LOOP_END), "fill the lab's disk")
+    assert first["status"] == "ok", first
+    run_dir = client.lab_root / "runs" / first["run_id"]
+    kept = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
+    assert {"train.py", "log.txt", "score-log.txt", "out/result.json", "out/progress.jsonl"} <= set(kept), kept
+    assert not any(k.startswith(("artifact", "score-out", "out/model")) or "hoard" in k for k in kept), kept
+    assert tree_bytes(run_dir) < 8 << 20
+    got = await client.call_tool("get_experiment", {"run_id": first["run_id"]})
+    assert not got.is_error and got.structured_content["result"]["val_bpb"] == first["val_bpb"]  # the books read on
+    hoard = client.lab_root / "cache" / "alice" / "junk" / "hoard.bin"
+    assert hoard.stat().st_size == 24 << 20  # a compile cache is kept from run to run...
+    second = await run_with(client, TRAIN, "honest")
+    assert second["status"] == "ok" and not hoard.exists()  # ...but emptied before the next once past 10 MB
 
 
 # -- hostile artifacts: the scorer's container refuses them before anything in them runs ------------

@@ -5,7 +5,7 @@ import re
 import subprocess
 
 from trainer import bench as bench_module
-from trainer_testlib import PYTHON, REPO, TINY_TOML
+from trainer_testlib import PYTHON, REPO, TINY_TOML, derive_program
 
 TINY_TRAIN = REPO / "programs" / "tiny-stdlib" / "train.py"
 
@@ -136,3 +136,17 @@ def test_quality_summary_counts_every_rerun_of_a_seed():
     text = "\n".join(quality_summary(rows))
     assert "2 / 2" in text and "0.6200" in text and "0.0283" in text, text  # mean 0.62, sd of the two
     assert "mean -0.0100" in text, text  # b minus a at seed 42: against a's mean there
+
+
+def test_bench_audit_prints_false_refusals_the_honest_spread_and_the_cost(tmp_path, tiny_data):
+    program = derive_program(TINY_TOML, tmp_path / "program.toml", eval_tokens=4 * 32 * 256)  # 4 forwards
+    out = bench("audit", "--program", str(program), "--data", str(tiny_data), "--train", str(TINY_TRAIN),
+                "--seeds", "7", "--audits", "2", "--budget-s", "1", "--out", str(tmp_path / "audit"))
+    assert "honest models: 1 of 1 trained; audits: 2, false refusals: 0" in out, out
+    assert "worst position 0, mean over positions in [0, 0]" in out  # fp32 on the CPU: bit for bit
+    assert re.search(r"^routine audit, warm: 32 positions, [\d.]+ s against scoring [\d.]+ s", out, re.M), out
+    assert re.search(r"^deep audit, warm: 512 positions", out, re.M), out  # 4x the scoring's forwards
+    assert re.search(r"^seed 7, cold score process [\d.]+ s: routine audit [\d.]+ s \(\+[\d.]+ % of the rest\)",
+                     out, re.M), out
+    saved = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert [len(r["audits"]) for r in saved] == [2] and saved[0]["audits"][1]["deep"]
