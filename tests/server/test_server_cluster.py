@@ -182,7 +182,8 @@ async def test_a_run_waits_in_ray_s_queue_when_every_slot_is_busy(cluster_lab):
                     lines[r.run_id].add(line)
             return all(runs.progress_of(r.run_id) is None for r in started)
 
-        await wait_until(all_done, 300, "the four runs to finish", poll_s=0.1)
+        # first runs of four agents: each one's causality audit is deep (nothing to beat yet)
+        await wait_until(all_done, 600, "the four runs to finish", poll_s=0.1)
     finally:
         lab.close()
     rows = ledger_rows(root)

@@ -137,28 +137,19 @@ model = ReadsAhead(model, {beta}, {share}, {spare})
 
 
 async def test_a_model_that_reads_ahead_is_invalid_never_kept(client):
-    """Issue 34's attacks through the normal run path. The first run (alice has no best yet, so the
-    audit is deep) reads ahead at 1 % of positions; after an honest run (kept), a bonus on the next
-    token at every position, from under the old check's tolerance (0.5, 0.95) to over it, and a large
-    one everywhere but the old check's fixed cuts."""
-    attacks = [("1 % of positions", 30.0, 0.01, False)]
-    later = [(f"+{beta} on the next token", beta, 1.0, False) for beta in (0.5, 0.95, 2.0)]
-    later.append(("+30 around the old check's cuts", 30.0, 1.0, True))
+    """Issue 34's attacks through the normal run path: reading ahead at 1 % of positions picked by a key
+    drawn as train.py runs, a bonus on the next token at every position under the old check's
+    tolerance (0.95), and a large one everywhere but the old check's fixed cuts. alice has no best, so
+    each could be kept: the audit is deep. (0.5 and 2.0: tests/trainer/test_evaluate.py.)"""
     results = {}
-    for case in attacks + [None] + later:
-        if case is None:
-            honest = await run_with(client, TRAIN, "honest")
-            assert honest["status"] == "ok" and honest["kept"], honest
-            continue
-        what, beta, share, spare = case
+    for what, beta, share, spare in [("1 % of positions", 30.0, 0.01, False), ("+0.95 everywhere", 0.95, 1.0, False),
+                                     ("+30 around the old check's cuts", 30.0, 1.0, True)]:
         code = READS_AHEAD.format(beta=beta, share=share, spare=spare)
         results[what] = await run_with(client, TRAIN.replace(LOOP_END, code + LOOP_END), f"reads ahead: {what}")
     for what, result in results.items():
         assert result["status"] == "invalid" and not result["kept"] and result["val_bpb"] is None, (what, result)
-        assert "not causal" in result["reason"], (what, result["reason"])
-    assert "drawn at random" in results["1 % of positions"]["reason"]
-    rows = ledger_rows(client.lab_root)
-    assert [r.decision for r in rows] == ["invalid", "keep", "invalid", "invalid", "invalid", "invalid"]
+        assert "not causal" in result["reason"] and "drawn at random" in result["reason"], (what, result["reason"])
+    assert [r.decision for r in ledger_rows(client.lab_root)] == ["invalid"] * 3
 
 
 def needle(data: Path, split: str, avoid: Path | None = None) -> tuple[str, str]:
