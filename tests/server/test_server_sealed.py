@@ -245,6 +245,8 @@ SLIDE_STEP = """    if real_start is None and run.clock_start is not None:
 
 @pytest.mark.parametrize("client", [{"min_time_slack_s": 5.0}], indirect=True)  # the product's slack
 async def test_sliding_the_harness_clock_is_refused(client):
+    baseline = await run_with(client, TRAIN, "the baseline, unmodified: the lab's time reference")
+    assert baseline["status"] == "ok", baseline
     text = TRAIN.replace("loader = trainer.train_loader", SLIDE + "loader = trainer.train_loader")
     text = text.replace("    if not trainer.step(loss):", SLIDE_STEP)
     result = await run_with(client, text, "slide the clock start")
