@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
+from sandbox.runio import disk_usage, read_tail_bytes
 from trainer.config import ProgramConfig, TrainerError, load_program, parse_program, set_top_level
 
 from server import log
@@ -143,7 +144,7 @@ class Lab:
         """Empty the agent's compile cache when it holds more than agent_cache_gb (a run may fill it with
         anything; a compile cache only saves time). The bytes freed."""
         folder = self.cache_dir(agent)
-        size = tree_bytes(folder)
+        size = disk_usage([folder])
         if size <= self.config.agent_cache_gb * 2**30:
             return 0
         for entry in list(folder.iterdir()):
@@ -158,7 +159,7 @@ class Lab:
         KEPT_FILE_BYTES), delete the rest (the export, its copy, whatever train.py left in /out). The
         bytes freed."""
         run_dir = self.run_dir(run_id)
-        before = tree_bytes(run_dir)
+        before = disk_usage([run_dir])
         for entry in list(run_dir.iterdir()) if run_dir.is_dir() else []:
             if entry.name == "out" and entry.is_dir() and not entry.is_symlink():
                 for inner in list(entry.iterdir()):
@@ -167,7 +168,7 @@ class Lab:
                     remove(inner)
             elif not keep_file(entry):
                 remove(entry)
-        return before - tree_bytes(run_dir)
+        return before - disk_usage([run_dir])
 
     def results_path(self, agent: str) -> Path:
         return self.root / "results" / f"{agent}.tsv"
@@ -382,17 +383,6 @@ KEPT_OUTPUTS = ("result.json", "progress.jsonl")
 KEPT_FILE_BYTES = 4 << 20
 
 
-def tree_bytes(folder: Path) -> int:
-    """Bytes of the regular files under folder (symlinks not followed)."""
-    total = 0
-    for root, _, files in os.walk(folder):
-        for name in files:
-            with contextlib.suppress(OSError):
-                st = os.lstat(os.path.join(root, name))
-                total += st.st_size if stat.S_ISREG(st.st_mode) else 0
-    return total
-
-
 def remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -410,10 +400,7 @@ def keep_file(path: Path) -> bool:
     if not stat.S_ISREG(st.st_mode):
         return False
     if st.st_size > KEPT_FILE_BYTES:
-        with open(path, "rb") as f:
-            f.seek(st.st_size - KEPT_FILE_BYTES)
-            tail = f.read()
-        path.write_bytes(tail)
+        path.write_bytes(read_tail_bytes(path, KEPT_FILE_BYTES))
     return True
 
 

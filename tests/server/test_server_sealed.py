@@ -15,9 +15,10 @@ from mcp import Client
 from server_helpers import ledger_rows, open_dir
 
 from sandbox.gpus import Lease
+from sandbox.runio import disk_usage
 
 from server.app import build_server
-from server.lab import Lab, tree_bytes
+from server.lab import Lab
 from server.phases import Phases
 from trainer.contract import parse_score_output
 
@@ -299,7 +300,7 @@ async def test_what_a_run_leaves_is_trimmed_and_its_cache_is_bounded(client):
     kept = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
     assert {"train.py", "log.txt", "score-log.txt", "out/result.json", "out/progress.jsonl"} <= set(kept), kept
     assert not any(k.startswith(("artifact", "score-out", "out/model")) or "hoard" in k for k in kept), kept
-    assert tree_bytes(run_dir) < 8 << 20
+    assert disk_usage([run_dir]) < 8 << 20
     got = await client.call_tool("get_experiment", {"run_id": first["run_id"]})
     assert not got.is_error and got.structured_content["result"]["val_bpb"] == first["val_bpb"]  # the books read on
     hoard = client.lab_root / "cache" / "alice" / "junk" / "hoard.bin"
